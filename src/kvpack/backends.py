@@ -1,0 +1,127 @@
+"""Which implementation runs a quantize or dequantize: the Backend enum, availability, ``auto``.
+
+``auto`` picks the fastest backend that can run the format on the tensor's device and falls back
+quietly; naming a backend that cannot run raises an error that says what is missing. The
+``KVPACK_BACKEND`` environment variable replaces ``auto`` (not an explicit choice).
+
+Every backend module offers the same functions on 3-D ``[B, T, D]`` contiguous tensors:
+``compute_scales``, ``encode``, ``quantize`` (may fuse the two) and ``dequantize``, with the
+signatures of :mod:`kvpack.reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from enum import Enum
+from types import ModuleType
+
+import torch
+
+from kvpack.schemes import Scheme
+
+
+class Backend(str, Enum):
+    AUTO = "auto"
+    TORCH = "torch"
+    CPU_SCALAR = "cpu-scalar"
+    CUDA_NAIVE = "cuda-naive"
+    CUDA_TILED = "cuda-tiled"
+    CUDA_COARSENED = "cuda-coarsened"
+    CUDA_VECTORIZED = "cuda-vectorized"
+    TRITON = "triton"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+CUDA_VARIANTS = (Backend.CUDA_NAIVE, Backend.CUDA_TILED, Backend.CUDA_COARSENED, Backend.CUDA_VECTORIZED)
+
+_MODULES = {
+    Backend.TORCH: "kvpack.reference",
+    Backend.CPU_SCALAR: "kvpack.baseline",
+    Backend.TRITON: "kvpack.triton.quant",
+    **{b: "kvpack.cuda" for b in CUDA_VARIANTS},
+}
+
+
+@functools.cache
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run on the CPU through the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _is_paper_scheme(scheme: Scheme) -> bool:
+    return scheme.fp8 is None and scheme.bits == 8 and scheme.axis == "channel" and scheme.group is None
+
+
+def why_not(backend: Backend, scheme: Scheme, device: torch.device) -> str | None:
+    """The reason ``backend`` cannot run ``scheme`` on ``device``, or None if it can."""
+    backend = Backend(backend)
+    if backend == Backend.TORCH:
+        return None
+    if backend == Backend.CPU_SCALAR:
+        if device.type != "cpu":
+            return "cpu-scalar runs on CPU tensors only"
+        if not _is_paper_scheme(scheme):
+            return f"cpu-scalar implements the paper's int8-channel only, not {scheme.name}"
+        if not _has("numba"):
+            return "cpu-scalar needs numba: pip install 'kvpack[cpu]' (or pip install numba)"
+        return None
+    if backend in CUDA_VARIANTS:
+        if device.type != "cuda":
+            return f"{backend} needs CUDA tensors (a tensor on {device} was given)"
+        if not _is_paper_scheme(scheme):
+            return f"{backend} implements the paper's int8-channel only, not {scheme.name}"
+        if not _has("cupy"):
+            return f"{backend} compiles its CUDA C with CuPy's NVRTC: pip install cupy-cuda12x (or cupy-cuda13x)"
+        return None
+    if backend == Backend.TRITON:
+        if not _has("triton"):
+            return "the triton backend needs triton: pip install 'kvpack[gpu]'"
+        if device.type != "cuda" and not (device.type == "cpu" and triton_interpreted()):
+            return f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), got {device}"
+        return None
+    raise ValueError(f"no availability rule for backend {backend}")
+
+
+def resolve(backend: Backend | str, scheme: Scheme, device: torch.device) -> Backend:
+    """Turn ``auto`` (or ``KVPACK_BACKEND``) into a concrete backend; check an explicit one can run."""
+    try:
+        backend = Backend(backend)
+    except ValueError:
+        names = ", ".join(b.value for b in Backend)
+        raise ValueError(f"unknown backend {backend!r}; choose one of: {names}") from None
+    if backend == Backend.AUTO and os.environ.get("KVPACK_BACKEND"):
+        return resolve(os.environ["KVPACK_BACKEND"], scheme, device)
+    if backend == Backend.AUTO:
+        order = [Backend.TORCH]
+        if device.type == "cuda":
+            order = [Backend.TRITON, Backend.CUDA_VECTORIZED, Backend.TORCH]
+        return next(b for b in order if why_not(b, scheme, device) is None)
+    reason = why_not(backend, scheme, device)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend} cannot run here: {reason}")
+    return backend
+
+
+def available(scheme: Scheme, device: torch.device) -> list[Backend]:
+    """Every concrete backend that can run ``scheme`` on ``device``."""
+    return [b for b in Backend if b != Backend.AUTO and why_not(b, scheme, device) is None]
+
+
+def implementation(backend: Backend) -> ModuleType:
+    """The object implementing a concrete backend (imported on first use): a module with
+    ``compute_scales``, ``encode``, ``quantize`` and ``dequantize``; the CUDA variants share one
+    module, which hands out a per-variant namespace."""
+    backend = Backend(backend)
+    mod = importlib.import_module(_MODULES[backend])
+    if backend in CUDA_VARIANTS:
+        return mod.variant(backend.value.removeprefix("cuda-"))
+    return mod
