@@ -62,14 +62,20 @@ def _expand(s: torch.Tensor, scheme: Scheme, tokens: int, channels: int) -> torc
     return s.repeat_interleave(g, dim=2)[:, :, :channels]
 
 
+def _div(a: torch.Tensor, d: float) -> torch.Tensor:
+    """IEEE ``a / d`` on every device: on CUDA, dividing by a Python number multiplies by its
+    reciprocal instead (not correctly rounded), so the divisor is given as a tensor."""
+    return a / torch.full_like(a, d)
+
+
 def compute_scales(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales (and zero points for the asymmetric types) of ``x [B, T, D]``, shape ``[B, sT, sD]``."""
     if scheme.symmetric:
-        scale = _reduce(x, scheme, "absmax") / scheme.qmax
+        scale = _div(_reduce(x, scheme, "absmax"), scheme.qmax)
         return torch.where(scale == 0, 1.0, scale), None
     lo = _reduce(x, scheme, "min")
     hi = _reduce(x, scheme, "max")
-    scale = ((hi - lo) / scheme.qmax).to(scheme.scale_dtype)
+    scale = _div(hi - lo, scheme.qmax).to(scheme.scale_dtype)
     scale = torch.where(scale == 0, 1.0, scale).to(scheme.scale_dtype)
     return scale, lo.to(scheme.scale_dtype)
 
