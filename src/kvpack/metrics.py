@@ -15,9 +15,13 @@ import torch
 _CHUNK = 1 << 24  # elements per float64 chunk (128 MiB)
 
 
-def _pairs(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _same_shape(x: torch.Tensor, y: torch.Tensor) -> None:
     if x.shape != y.shape:
         raise ValueError(f"shapes differ: {tuple(x.shape)} vs {tuple(y.shape)}")
+
+
+def _pairs(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    _same_shape(x, y)
     xf, yf = x.reshape(-1), y.reshape(-1)
     for i in range(0, xf.numel(), _CHUNK):
         yield xf[i : i + _CHUNK].double(), yf[i : i + _CHUNK].double()
@@ -37,6 +41,16 @@ def _sum_sq(x: torch.Tensor, x_hat: torch.Tensor) -> tuple[float, float]:
     return sig, err
 
 
+def _relative(sig: float, err: float) -> float:
+    return math.sqrt(err / sig) if sig else (0.0 if err == 0 else math.inf)
+
+
+def _sqnr(sig: float, err: float) -> float:
+    if err == 0:
+        return math.inf
+    return 10.0 * math.log10(sig / err) if sig else -math.inf
+
+
 def l2_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Frobenius norm ||x - x_hat||_F."""
     return math.sqrt(_sum_sq(x, x_hat)[1])
@@ -44,16 +58,12 @@ def l2_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 def relative_l2_error(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """||x - x_hat||_F / ||x||_F (0 when both are zero)."""
-    sig, err = _sum_sq(x, x_hat)
-    return math.sqrt(err / sig) if sig else (0.0 if err == 0 else math.inf)
+    return _relative(*_sum_sq(x, x_hat))
 
 
 def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio 10 log10(sum x^2 / sum (x - x_hat)^2), in dB (inf if exact)."""
-    sig, err = _sum_sq(x, x_hat)
-    if err == 0:
-        return math.inf
-    return 10.0 * math.log10(sig / err) if sig else -math.inf
+    return _sqnr(*_sum_sq(x, x_hat))
 
 
 def _queries(q: torch.Tensor, d: int) -> torch.Tensor:
@@ -68,6 +78,7 @@ def attention_score_error(q: torch.Tensor, k: torch.Tensor, k_hat: torch.Tensor)
 
     ``q``: one query ``[D]`` or a batch ``[N, D]``; ``k``, ``k_hat``: ``[..., T, D]``.
     """
+    _same_shape(k, k_hat)
     qd = _queries(q, k.shape[-1])
     total, count = 0.0, 0
     rows = max(1, _CHUNK // max(k.shape[-1], 1))
@@ -96,6 +107,10 @@ def attention_output_error(
 
     ``q [D]`` or ``[N, D]``; ``k, v, k_hat, v_hat [T, D]``; ``scale`` defaults to 1/sqrt(D).
     """
+    _same_shape(k, k_hat)
+    _same_shape(v, v_hat)
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} must have the same tokens")
     p = torch.softmax(_softmax_parts(q, k, scale), dim=-1)
     p_hat = torch.softmax(_softmax_parts(q, k_hat, scale), dim=-1)
     out = p @ v.reshape(p.shape[-1], -1).double()
@@ -105,6 +120,7 @@ def attention_output_error(
 
 def attention_kl(q: torch.Tensor, k: torch.Tensor, k_hat: torch.Tensor, scale: float | None = None) -> float:
     """Mean over queries of KL(softmax(q K^T) || softmax(q K_hat^T)), in nats."""
+    _same_shape(k, k_hat)
     logp = torch.log_softmax(_softmax_parts(q, k, scale), dim=-1)
     logp_hat = torch.log_softmax(_softmax_parts(q, k_hat, scale), dim=-1)
     return float((logp.exp() * (logp - logp_hat)).sum(dim=-1).mean())
@@ -116,8 +132,8 @@ def report(x: torch.Tensor, x_hat: torch.Tensor, q: torch.Tensor | None = None) 
     out = {
         "max_abs_error": max_abs_error(x, x_hat),
         "l2_error": math.sqrt(err),
-        "relative_l2_error": math.sqrt(err / sig) if sig else 0.0,
-        "sqnr_db": 10.0 * math.log10(sig / err) if err and sig else math.inf,
+        "relative_l2_error": _relative(sig, err),
+        "sqnr_db": _sqnr(sig, err),
     }
     if q is not None:
         out["attention_score_error"] = attention_score_error(q, x, x_hat)
