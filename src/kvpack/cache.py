@@ -43,6 +43,36 @@ DEFAULT_GROUP = 64
 #: Capacity growth factor of the quantized store once the reserved size is exceeded.
 GROWTH = 1.5
 
+#: Named (key format, value format) pairs: keys per-channel in 64-token blocks, values per-token.
+CACHE_PRESETS: dict[str, tuple[str, str]] = {
+    "int8": ("int8-channel-g64", "int8-token"),
+    "int4": ("int4-channel-g64", "int4-token"),
+    "int2": ("int2-channel-g64", "int2-token-g32"),
+    "fp8": ("fp8-e4m3-channel-g64", "fp8-e4m3"),
+}
+
+
+def cache_formats(spec: str) -> tuple[Scheme, Scheme]:
+    """Key and value schemes from a preset name (``"int4"``) or a ``"KEYFMT/VALUEFMT"`` pair
+    (``"int8-channel-g64/int8-token"``); a single format name is used for both.
+
+    >>> cache_formats("int8")
+    (Scheme(bits=8, axis='channel', group=64, fp8=None), Scheme(bits=8, axis='token', group=None, fp8=None))
+    """
+    spec = spec.strip()
+    if spec.lower() in CACHE_PRESETS:
+        key, value = CACHE_PRESETS[spec.lower()]
+    elif "/" in spec:
+        key, _, value = spec.partition("/")
+    else:
+        key = value = spec
+    try:
+        return parse(key), parse(value)
+    except ValueError as err:
+        raise ValueError(
+            f"cache format {spec!r}: {err}; or use a preset among {', '.join(CACHE_PRESETS)}"
+        ) from None
+
 
 def quantized_length(length: int, residual: int, group: int) -> int:
     """How many of ``length`` tokens sit in the quantized store (the rest are in the window).
