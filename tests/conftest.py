@@ -1,0 +1,77 @@
+"""Shared test helpers: named skip markers and a seeded random state.
+
+Use the markers by importing them (pytest puts ``tests/`` on ``sys.path``, so this works from any
+test file)::
+
+    from conftest import requires_cuda, requires_triton
+
+    @requires_cuda
+    def test_kernel_on_gpu(): ...
+
+- ``requires_cuda``: a CUDA GPU is visible to torch.
+- ``requires_triton``: triton imports and can run here: on a CUDA GPU, or on the CPU through the
+  interpreter (``TRITON_INTERPRET=1`` set before the test run starts).
+- ``requires_numba``: numba imports (the ``cpu-scalar`` baseline).
+- ``requires_nvcc``: the CUDA compiler ``nvcc`` is on ``PATH``.
+
+The ``seed`` fixture seeds torch's and numpy's global generators with 0 and returns the seed.
+:func:`near_ties` builds int8 inputs on which float64 or reciprocal arithmetic gives other codes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+HAS_CUDA = torch.cuda.is_available()
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+requires_triton = pytest.mark.skipif(
+    not (_has("triton") and (HAS_CUDA or TRITON_INTERPRET)),
+    reason="needs triton and a CUDA GPU (or TRITON_INTERPRET=1 to run kernels on the CPU)",
+)
+requires_numba = pytest.mark.skipif(not _has("numba"), reason="needs numba: pip install 'kvpack[cpu]'")
+requires_nvcc = pytest.mark.skipif(
+    shutil.which("nvcc") is None, reason="needs the CUDA compiler nvcc on PATH"
+)
+
+
+@pytest.fixture
+def seed() -> int:
+    """Seed torch and numpy with 0, so that a test's random inputs are the same on every run."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    return 0
+
+
+def near_ties(rows: int = 16, cols: int = 16, seed: int = 0) -> torch.Tensor:
+    """A float32 ``[1, rows, cols]`` tensor on which only exact float32 int8 arithmetic gets the codes right.
+
+    Row 0 and column 0 hold 1.0, so every channel and every token has ``max |x| = 1`` and the int8
+    scale ``s = fl(1 / 127)``. The other elements lie within a few ulps of the code midpoints
+    ``(k + 1/2) s``, chosen where ``rint(fl32(x / s))`` differs from ``rint`` of the exact (float64)
+    quotient or of ``x * fl32(1 / s)``: a kernel that divides in float64, or multiplies by the
+    reciprocal, gets some of these codes wrong.
+    """
+    s = np.float32(1.0) / np.float32(127.0)
+    mids = ((np.arange(-127, 127) + 0.5) * np.float64(s)).astype(np.float32)
+    cand = np.concatenate([mids + np.float32(d) * np.spacing(mids) for d in range(-3, 4)]).astype(np.float32)
+    q32 = np.rint(cand / s)
+    tricky = cand[
+        (q32 != np.rint(cand.astype(np.float64) / np.float64(s))) | (q32 != np.rint(cand * (1 / s)))
+    ]
+    rng = np.random.default_rng(seed)
+    x = np.ones((rows, cols), np.float32)
+    x[1:, 1:] = rng.choice(tricky, size=(rows - 1, cols - 1))
+    return torch.from_numpy(x)[None]
