@@ -1,0 +1,439 @@
+"""Decode attention that reads the quantized KV cache directly: a flash-decoding Triton kernel.
+
+For each (batch row, KV head) the context, quantized store then full-precision window
+(:class:`kvpack.cache.QuantizedLayer`), is cut into ``num_splits`` chunks, one program each. A program
+holds every query row of its KV head (the GQA query heads times the ``Lq`` new tokens, padded to
+``BLOCK_M >= 16`` rows so ``tl.dot`` can use tensor cores), streams ``BLOCK_N``-token tiles of codes and
+scales, dequantizes them in registers exactly as :func:`kvpack.reference.dequantize` does (float32
+``code * scale (+ zero)``, then one rounding to the query dtype), and keeps an online softmax in float32:
+
+    m' = max(m, rowmax(s)),  l' = l * 2^(m - m') + sum 2^(s - m'),  acc' = acc * 2^(m - m') + 2^(s - m') v
+
+with ``s = q k^T * scale * log2(e)``. Each split writes ``acc / l`` and ``lse = m + log2(l)``; a second
+kernel combines the splits, weighting each by ``2^(lse - max lse)``. One split writes the output directly.
+
+Masking, per batch row ``b`` with valid tokens ``[start_b, end_b)`` (default ``[0, seq_length)``): query
+``i`` of ``Lq`` sits at position ``end_b - Lq + i`` and sees keys ``start_b <= j <= end_b - Lq + i``. A
+query that sees no key gets zeros.
+
+Code layouts served (see :mod:`kvpack.schemes`): int8 (symmetric), fp8 e4m3/e5m2 (symmetric), int4 and
+int2 (asymmetric, packed along the head dimension, first code in the low bits). Scales: per-channel
+formats hold one row per block of ``group`` tokens (``row = token // group``), per-token formats one
+row per token, over the whole head (one scale) or in channel groups (``column = channel // group``).
+Every global offset that can pass 2^31 is computed in 64 bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kvpack.backends import triton_interpreted
+from kvpack.schemes import FP8_DTYPES, Scheme
+
+#: Most splits of one (batch row, KV head); the combine kernel holds them all in one tile.
+MAX_SPLITS = 64
+#: Fewest tokens worth a split of their own.
+MIN_SPLIT_TOKENS = 256
+#: Programs to aim for, per streaming multiprocessor, when choosing the number of splits.
+PROGRAMS_PER_SM = 4
+#: Most query rows (GQA heads x new tokens) one program holds; more rows use several row blocks.
+MAX_BLOCK_M = 64
+
+# How a tile finds its scales (and zero points): the SMODE constexpr.
+_SCALE_TILE_ROW = 0  # per-channel, one row per block of tokens that holds the whole tile
+_SCALE_TOKEN = 1  # per-token, one scale for the whole head dimension
+_SCALE_TOKEN_GROUPS = 2  # per-token, channel groups that tile a power-of-two head dimension
+_SCALE_GATHER = 3  # anything else: row = token // ROW_DIV, column = channel // COL_DIV
+
+# What the codes are: the KIND constexpr.
+_INT8 = 0
+_E4M3 = 1  # fp8 codes are read as bytes and bitcast
+_PACKED = 2  # int4 / int2, unsigned, asymmetric
+_E5M2 = 3
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Launch parameters of the decode kernel: tokens per tile, warps, software-pipeline stages and
+    splits (``None``: chosen from the context length and the number of SMs)."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int | None = None
+
+
+@triton.jit
+def _exact_float(c, SIGNED: tl.constexpr):
+    """int32 codes (|c| < 2^22) to float32 without a slow integer-to-float conversion: put the code in the
+    mantissa of 2^23 (offset by 128 for signed codes) and subtract. Exact."""
+    if SIGNED:
+        return (c + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    return (c + 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _rounded(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """``x.to(dtype)``, rounding to nearest even also in the interpreter, whose float32 -> bfloat16
+    cast truncates."""
+    if INTERPRET and dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _scales(ptr, tok, ok, offs_d, d_ok, tile_start, stride_t,
+            SMODE: tl.constexpr, ROW_DIV: tl.constexpr, COL_DIV: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The float32 scales (or zero points) of a tile, shaped to broadcast against ``[BLOCK_N, BLOCK_D]``."""
+    if SMODE == 0:
+        s = tl.load(ptr + (tile_start // ROW_DIV) * stride_t + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+        return s[None, :]
+    elif SMODE == 1:
+        s = tl.load(ptr + tok.to(tl.int64) * stride_t, mask=ok, other=0.0).to(tl.float32)
+        return s[:, None]
+    elif SMODE == 2:
+        NG: tl.constexpr = BLOCK_D // COL_DIV
+        g = tl.arange(0, NG)
+        s = tl.load(ptr + tok.to(tl.int64)[:, None] * stride_t + g[None, :], mask=ok[:, None], other=0.0)
+        s = tl.broadcast_to(s.to(tl.float32)[:, :, None], [BLOCK_N, NG, COL_DIV])
+        return tl.reshape(s, [BLOCK_N, BLOCK_D])
+    else:
+        row = (tok // ROW_DIV).to(tl.int64)
+        col = offs_d // COL_DIV
+        s = tl.load(ptr + row[:, None] * stride_t + col[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+        return s.to(tl.float32)
+
+
+@triton.jit
+def _dequantized_tile(codes, scale, zero, tok, ok, offs_d, d_ok, tile_start, stride_ct, stride_st,
+                      D: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, SMODE: tl.constexpr,
+                      ROW_DIV: tl.constexpr, COL_DIV: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``[BLOCK_N, BLOCK_D]`` float32 values of tokens ``tok`` (rows not ``ok`` and channels past ``D``
+    read as 0): ``code * scale`` (int8, fp8) or ``code * scale + zero`` (int4, int2). fp8 codes arrive as
+    bytes (a masked fp8 load has no ``other`` in the interpreter) and are bitcast."""
+    tok64 = tok.to(tl.int64)
+    if KIND == 2:
+        PER: tl.constexpr = 8 // BITS
+        offs_b = tl.arange(0, BLOCK_D // PER)
+        b_ok = offs_b < (D + PER - 1) // PER
+        byte = tl.load(codes + tok64[:, None] * stride_ct + offs_b[None, :],
+                       mask=ok[:, None] & b_ok[None, :], other=0).to(tl.int32)
+        # Unpack along a new last axis and flatten it: byte j holds channels PER*j .. PER*j + PER - 1,
+        # the first in the low bits.
+        if BITS == 4:
+            c = tl.join(byte & 15, byte >> 4)
+        else:
+            c = tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6))
+        f = _exact_float(tl.reshape(c, [BLOCK_N, BLOCK_D]), False)
+    else:
+        c = tl.load(codes + tok64[:, None] * stride_ct + offs_d[None, :],
+                    mask=ok[:, None] & d_ok[None, :], other=0)
+        if KIND == 0:
+            f = _exact_float(c.to(tl.int32), True)
+        elif KIND == 1:
+            f = c.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            f = c.to(tl.float8e5, bitcast=True).to(tl.float32)
+    x = f * _scales(scale, tok, ok, offs_d, d_ok, tile_start, stride_st, SMODE, ROW_DIV, COL_DIV,
+                    BLOCK_N, BLOCK_D)
+    if KIND == 2:
+        x = x + _scales(zero, tok, ok, offs_d, d_ok, tile_start, stride_st, SMODE, ROW_DIV, COL_DIV,
+                        BLOCK_N, BLOCK_D)
+    return x
+
+
+@triton.jit
+def _attend(q, k, v, tok, ok, qpos, m_i, l_i, acc, qk_scale, INTERPRET: tl.constexpr):
+    """One online-softmax step over a tile of keys ``k`` and values ``v`` ``[BLOCK_N, BLOCK_D]`` (in the
+    interpreter, whose bfloat16 ``tl.dot`` is wrong, in float32)."""
+    if INTERPRET:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    s = tl.where(ok[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(
+    Q, Out, MidO, MidL,
+    KC, KS, KZ, VC, VS, VZ, WK, WV,
+    Start, End,
+    qk_scale, n_quant, n_window, chunk, num_splits, num_kv_heads,
+    stride_qb, stride_qh, stride_qm,
+    stride_ob, stride_oh, stride_om,
+    stride_kcb, stride_kch, stride_kct,
+    stride_ksb, stride_ksh, stride_kst,
+    stride_vcb, stride_vch, stride_vct,
+    stride_vsb, stride_vsh, stride_vst,
+    stride_wkb, stride_wkh, stride_wkt,
+    stride_wvb, stride_wvh, stride_wvt,
+    D: tl.constexpr, REP: tl.constexpr, LQ: tl.constexpr,
+    K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_SMODE: tl.constexpr,
+    K_ROW_DIV: tl.constexpr, K_COL_DIV: tl.constexpr,
+    V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_SMODE: tl.constexpr,
+    V_ROW_DIV: tl.constexpr, V_COL_DIV: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_END: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    h = (pid_bh % num_kv_heads).to(tl.int64)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < REP * LQ
+    head = h * REP + rows // LQ
+    qi = rows % LQ
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    end = n_quant + n_window
+    if HAS_END:
+        end = tl.minimum(tl.load(End + b).to(tl.int32), end)
+    begin = 0
+    if HAS_START:
+        begin = tl.load(Start + b).to(tl.int32)
+    qpos = tl.where(row_ok, end - LQ + qi, -1)
+
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if INTERPRET:
+        q = q.to(tl.float32)
+    dtype = Q.dtype.element_ty
+
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # This split's tokens, less those before the row's first valid token (whole tiles only, so that a
+    # tile never straddles two blocks of per-channel scales).
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, end)
+    lo = tl.maximum(lo, begin // BLOCK_N * BLOCK_N)
+
+    kc = KC + b * stride_kcb + h * stride_kch
+    ks = KS + b * stride_ksb + h * stride_ksh
+    kz = KZ + b * stride_ksb + h * stride_ksh
+    vc = VC + b * stride_vcb + h * stride_vch
+    vs = VS + b * stride_vsb + h * stride_vsh
+    vz = VZ + b * stride_vsb + h * stride_vsh
+    q_hi = tl.minimum(hi, n_quant)
+    for t0 in range(lo, q_hi, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        ok = (tok < q_hi) & (tok >= begin)
+        k = _dequantized_tile(kc, ks, kz, tok, ok, offs_d, d_ok, t0, stride_kct, stride_kst, D,
+                              K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N, BLOCK_D)
+        v = _dequantized_tile(vc, vs, vz, tok, ok, offs_d, d_ok, t0, stride_vct, stride_vst, D,
+                              V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, BLOCK_N, BLOCK_D)
+        k = _rounded(k, dtype, INTERPRET)
+        v = _rounded(v, dtype, INTERPRET)
+        m_i, l_i, acc = _attend(q, k, v, tok, ok, qpos, m_i, l_i, acc, qk_scale, INTERPRET)
+
+    wk = WK + b * stride_wkb + h * stride_wkh
+    wv = WV + b * stride_wvb + h * stride_wvh
+    for t0 in range(tl.maximum(lo, n_quant), hi, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        ok = (tok < hi) & (tok >= begin)
+        w = (tok - n_quant).to(tl.int64)
+        mask = ok[:, None] & d_ok[None, :]
+        k = tl.load(wk + w[:, None] * stride_wkt + offs_d[None, :], mask=mask, other=0.0)
+        v = tl.load(wv + w[:, None] * stride_wvt + offs_d[None, :], mask=mask, other=0.0)
+        m_i, l_i, acc = _attend(q, k, v, tok, ok, qpos, m_i, l_i, acc, qk_scale, INTERPRET)
+
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if SPLIT:
+        r = ((b * (num_kv_heads * REP) + head) * LQ + qi) * num_splits + split
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(MidL + r, lse, mask=row_ok)
+        tl.store(MidO + r[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        out = Out + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :]
+        tl.store(out, _rounded(o, Out.dtype.element_ty, INTERPRET), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(MidO, MidL, Out, num_splits, num_heads, stride_ob, stride_oh, stride_om,
+                    D: tl.constexpr, LQ: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                    INTERPRET: tl.constexpr):
+    """``out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``; zeros if no split
+    saw a key."""
+    r = tl.program_id(0).to(tl.int64)
+    qi = r % LQ
+    head = (r // LQ) % num_heads
+    b = r // (LQ * num_heads)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_ok = offs_s < num_splits
+    d_ok = offs_d < D
+    lse = tl.load(MidL + r * num_splits + offs_s, mask=s_ok, other=float("-inf"))
+    seen = lse > float("-inf")
+    top = tl.max(tl.where(seen, lse, -1.0e30), 0)
+    w = tl.where(seen, tl.exp2(lse - top), 0.0)
+    o = tl.load(MidO + (r * num_splits + offs_s)[:, None] * D + offs_d[None, :],
+                mask=seen[:, None] & d_ok[None, :], other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(Out + b * stride_ob + head * stride_oh + qi * stride_om + offs_d,
+             _rounded(out, Out.dtype.element_ty, INTERPRET), mask=d_ok)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _format_args(scheme: Scheme, group: int, head_dim: int, block_d: int, block_n: int) -> dict[str, int]:
+    """The constexprs that describe how one format's codes and scales are read."""
+    kind = {"e4m3": _E4M3, "e5m2": _E5M2, None: _INT8 if scheme.bits == 8 else _PACKED}[scheme.fp8]
+    if scheme.axis == "channel":
+        row_div, col_div = group, 1
+        smode = _SCALE_TILE_ROW if group % block_n == 0 else _SCALE_GATHER
+    else:
+        cg = min(scheme.group or head_dim, head_dim)
+        row_div, col_div = 1, cg
+        if cg == head_dim:
+            smode = _SCALE_TOKEN
+        elif head_dim == block_d and cg & (cg - 1) == 0:
+            smode = _SCALE_TOKEN_GROUPS
+        else:
+            smode = _SCALE_GATHER
+    return {"KIND": kind, "BITS": scheme.bits, "SMODE": smode, "ROW_DIV": row_div, "COL_DIV": col_div}
+
+
+def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: Scheme) -> KernelConfig:
+    """Tile sizes for a head dimension: 64-token tiles that divide the group of per-channel scales (so each
+    tile reads one scale row), 8 warps for head dims over 128."""
+    per_channel = key_scheme.axis == "channel" or value_scheme.axis == "channel"
+    block_n = 64
+    if per_channel and group % block_n:
+        block_n = next((n for n in (32, 16) if group % n == 0), 64)
+    return KernelConfig(block_n=block_n, num_warps=8 if head_dim > 128 else 4)
+
+
+def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device) -> tuple[int, int]:
+    """``(num_splits, chunk)``: enough splits that ``programs * num_splits`` fills the GPU
+    (:data:`PROGRAMS_PER_SM` per SM), none shorter than :data:`MIN_SPLIT_TOKENS`, at most
+    :data:`MAX_SPLITS`; ``chunk`` is the tokens per split, a whole number of tiles."""
+    want = math.ceil(PROGRAMS_PER_SM * _sm_count(device) / max(programs, 1))
+    splits = max(1, min(want, math.ceil(tokens / MIN_SPLIT_TOKENS), MAX_SPLITS))
+    return _chunked(tokens, splits, block_n)
+
+
+def _chunked(tokens: int, splits: int, block_n: int) -> tuple[int, int]:
+    chunk = block_n * math.ceil(max(tokens, 1) / (splits * block_n))
+    return math.ceil(max(tokens, 1) / chunk), chunk
+
+
+def decode_attention(
+    q: torch.Tensor,
+    key_codes: torch.Tensor,
+    key_scale: torch.Tensor,
+    key_zero: torch.Tensor | None,
+    value_codes: torch.Tensor,
+    value_scale: torch.Tensor,
+    value_zero: torch.Tensor | None,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    num_quantized: int,
+    num_window: int,
+    key_scheme: Scheme,
+    value_scheme: Scheme,
+    group: int,
+    scale: float,
+    start: torch.Tensor | None = None,
+    end: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``q [B, Hq, Lq, D]`` over a quantized store plus a full-precision window.
+
+    Args:
+        q: float16/bfloat16 queries, last dim contiguous; ``Hq`` a multiple of the KV heads ``H``.
+        key_codes, value_codes: ``[B, H, capT, ceil(D / per_byte)]``, valid ``[:, :, :num_quantized]``.
+        key_scale, key_zero, value_scale, value_zero: ``[B, H, rows, sD]`` as
+            :class:`kvpack.cache.QuantizedLayer` stores them (zero None for int8/fp8).
+        window_keys, window_values: ``[B, H, capW, D]`` in q's dtype, valid ``[:, :, :num_window]``.
+        num_quantized, num_window: tokens in the store (a multiple of ``group``) and in the window.
+        key_scheme, value_scheme: the block formats; ``group``: tokens per quantized block.
+        scale: softmax scale.
+        start, end: optional int tensors ``[B]``: row ``b`` attends to tokens ``[start_b, end_b)``; its
+            queries are its last ``Lq`` valid tokens (causal among themselves).
+        config: tile sizes and splits (default: :func:`default_config`, :func:`choose_splits`).
+        out: optional ``[B, Hq, Lq, D]`` tensor in q's dtype to write into.
+
+    Returns:
+        ``[B, Hq, Lq, D]`` in q's dtype.
+    """
+    bsz, hq, lq, d = q.shape
+    hkv = window_keys.shape[1]
+    block_d = max(16, triton.next_power_of_2(d))
+    config = config or default_config(d, group, key_scheme, value_scheme)
+    rows = hq // hkv * lq
+    block_m = max(16, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
+    row_blocks = triton.cdiv(rows, block_m)
+    tokens = num_quantized + num_window
+    if config.num_splits is None:
+        splits, chunk = choose_splits(tokens, bsz * hkv * row_blocks, config.block_n, q.device)
+    else:
+        splits, chunk = _chunked(tokens, config.num_splits, config.block_n)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if splits > 1:
+        mid_o = torch.empty(bsz, hq, lq, splits, d, dtype=torch.float32, device=q.device)
+        mid_l = torch.empty(bsz, hq, lq, splits, dtype=torch.float32, device=q.device)
+    else:
+        mid_o = mid_l = out
+    if num_quantized == 0:
+        # Nothing is read from the store: any tensor serves as a placeholder pointer.
+        key_codes = value_codes = key_scale = value_scale = window_keys
+    # fp8 codes travel as bytes (see _dequantized_tile).
+    key_codes, value_codes = (c.view(torch.uint8) if c.dtype in FP8_DTYPES.values() else c
+                              for c in (key_codes, value_codes))
+    kfmt = _format_args(key_scheme, group, d, block_d, config.block_n)
+    vfmt = _format_args(value_scheme, group, d, block_d, config.block_n)
+    placeholder = torch.empty(1, dtype=torch.int32, device=q.device)
+    _decode_kernel[(bsz * hkv, splits, row_blocks)](
+        q, out, mid_o, mid_l,
+        key_codes, key_scale, key_scale if key_zero is None else key_zero,
+        value_codes, value_scale, value_scale if value_zero is None else value_zero,
+        window_keys, window_values,
+        placeholder if start is None else start, placeholder if end is None else end,
+        scale * math.log2(math.e), num_quantized, num_window, chunk, splits, hkv,
+        *q.stride()[:3], *out.stride()[:3],
+        *key_codes.stride()[:3], *key_scale.stride()[:3],
+        *value_codes.stride()[:3], *value_scale.stride()[:3],
+        *window_keys.stride()[:3], *window_values.stride()[:3],
+        D=d, REP=hq // hkv, LQ=lq,
+        **{f"K_{k}": v for k, v in kfmt.items()}, **{f"V_{k}": v for k, v in vfmt.items()},
+        HAS_START=start is not None, HAS_END=end is not None, SPLIT=splits > 1,
+        INTERPRET=triton_interpreted(),
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if splits > 1:
+        _combine_kernel[(bsz * hq * lq,)](
+            mid_o, mid_l, out, splits, hq, *out.stride()[:3],
+            D=d, LQ=lq, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            INTERPRET=triton_interpreted(), num_warps=4 if block_d <= 128 else 8,
+        )
+    return out
