@@ -162,11 +162,17 @@ def reference_decode(
     return (p @ v).to(q.dtype)
 
 
+@torch.compiler.assume_constant_result
+def _without_kernel(device: torch.device) -> str | None:
+    """Why the Triton kernel cannot run on ``device`` (None if it can); a constant to torch.compile."""
+    return why_not(Backend.TRITON, parse("int8-token"), device)
+
+
 def fused(q: torch.Tensor, layer: QuantizedLayer, scale: float, start: torch.Tensor | None = None,
           end: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`decode` without argument checks (for callers that already hold valid arguments, such as
     the transformers attention function): the custom op when Triton can run, else the torch twin."""
-    if why_not(Backend.TRITON, layer.key_scheme, q.device) is not None:
+    if _without_kernel(q.device) is not None:
         keys, values = layer.dequantized()
         return reference_decode(q, keys, values, scale, start, end)
     return decode_attention(
@@ -216,7 +222,7 @@ def decode(
     _check_positions(start, end, q.shape[2], layer.seq_length)
     if config is None:
         return fused(q, layer, float(scale), start, end)
-    reason = why_not(Backend.TRITON, layer.key_scheme, q.device)
+    reason = _without_kernel(q.device)
     if reason is not None:
         raise RuntimeError(f"a kernel config needs the Triton kernel: {reason}")
     from kvpack.triton.attention import decode_attention as launch

@@ -1,0 +1,299 @@
+"""Decode attention over the quantized cache (kvpack.attention.decode and its Triton kernel).
+
+Every case compares with the specification: float32 attention (kvpack.reference.attention) over the
+layer's dequantized keys and values; relative L2 error < 1e-2 for float16/bfloat16 outputs. Without a
+GPU the kernel runs in Triton's interpreter at small sizes; the GPU tests repeat it at full sizes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kvpack import reference  # noqa: E402
+from kvpack.attention import _store, decode, decode_attention, reference_decode  # noqa: E402
+from kvpack.cache import CACHE_PRESETS, QuantizedLayer  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+requires_kernel = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton and a CUDA GPU (or TRITON_INTERPRET=1)",
+)
+pytestmark = requires_kernel
+
+TOLERANCE = 1e-2
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def make_layer(
+    key_format: str, value_format: str, *, batch: int = 1, kv_heads: int = 2, tokens: int = 150,
+    head_dim: int = 64, residual: int = 32, group: int | None = None, dtype: torch.dtype = torch.float16,
+    device: str = DEVICE, seed: int = 0,
+) -> QuantizedLayer:
+    """A layer holding ``tokens`` random tokens (keys with a few outlier channels, as real keys have)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    shape = (batch, kv_heads, tokens, head_dim)
+    keys = torch.randn(shape, generator=g) * (1 + 4 * (torch.rand(head_dim, generator=g) > 0.9))
+    values = torch.randn(shape, generator=g)
+    layer = QuantizedLayer(key_format, value_format, residual=residual, group=group)
+    layer.append(keys.to(device, dtype), values.to(device, dtype))
+    return layer
+
+
+def queries(layer: QuantizedLayer, q_heads: int, q_len: int, seed: int = 1) -> torch.Tensor:
+    b, _, _, d = layer.window_keys.shape
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(b, q_heads, q_len, d, generator=g).to(layer.device, layer.dtype)
+
+
+def expected(q: torch.Tensor, layer: QuantizedLayer, scale: float | None = None) -> torch.Tensor:
+    keys, values = layer.dequantized()
+    return reference.attention(q, keys, values, scale, causal_offset=layer.seq_length - q.shape[2])
+
+
+FORMATS = [
+    *CACHE_PRESETS.values(),
+    ("int8-token", "int8-channel-g64"),  # per-token keys, per-channel values
+    ("fp8-e5m2-channel-g64", "fp8-e5m2"),
+    ("int4-channel-g64", "int4-token-g32"),  # value scales in channel groups
+    ("int2-token", "int8-token-g16"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("formats", FORMATS, ids=lambda f: "/".join(f))
+def test_every_format_matches_reference(formats: tuple[str, str], dtype: torch.dtype) -> None:
+    layer = make_layer(*formats, tokens=300, dtype=dtype)
+    assert layer.num_quantized and layer.num_window
+    q = queries(layer, 8, 1)
+    out = decode(q, layer)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert rel_error(out, expected(q, layer)) < TOLERANCE
+
+
+# (tokens, residual, q_heads, kv_heads, q_len, head_dim, formats)
+SHAPES = [
+    (5, 32, 4, 2, 1, 64, "int8"),  # shorter than one block: window only
+    (64, 0, 4, 2, 1, 64, "int4"),  # one block, window empty
+    (96, 32, 8, 2, 1, 64, "int8"),  # window full (residual tokens)
+    (131, 16, 2, 2, 1, 128, "int4"),  # GQA 1, head dim 128, not a multiple of any block
+    (199, 8, 16, 2, 3, 64, "fp8"),  # GQA 8, three causal queries
+    (77, 0, 8, 2, 3, 96, "int2"),  # head dim 96 (padded to 128)
+    (1030, 6, 4, 1, 1, 64, "int8"),  # several splits
+    (140, 100, 8, 2, 2, 128, "fp8"),  # mostly window
+    (300, 32, 16, 2, 16, 64, "int4"),  # 8 x 16 = 128 query rows: two row blocks
+]
+
+
+@pytest.mark.parametrize("tokens,residual,q_heads,kv_heads,q_len,head_dim,preset", SHAPES)
+def test_shapes_match_reference(tokens: int, residual: int, q_heads: int, kv_heads: int, q_len: int,
+                                head_dim: int, preset: str) -> None:
+    layer = make_layer(*CACHE_PRESETS[preset], tokens=tokens, residual=residual, kv_heads=kv_heads,
+                       head_dim=head_dim, batch=2)
+    q = queries(layer, q_heads, q_len)
+    out = decode(q, layer, scale=0.1)
+    assert rel_error(out, expected(q, layer, 0.1)) < TOLERANCE
+
+
+def test_window_empty_and_full() -> None:
+    empty = make_layer(*CACHE_PRESETS["int8"], tokens=128, residual=0)
+    full = make_layer(*CACHE_PRESETS["int8"], tokens=128 + 40, residual=40)
+    assert empty.num_window == 0 and full.num_window == full.residual
+    for layer in (empty, full):
+        q = queries(layer, 4, 1)
+        assert rel_error(decode(q, layer), expected(q, layer)) < TOLERANCE
+
+
+def test_odd_group_reads_scale_rows_per_token() -> None:
+    # 40-token blocks: no power-of-two tile divides them, so scale rows are gathered per token.
+    layer = make_layer("int8-channel", "int4-channel", group=40, tokens=250, residual=20)
+    q = queries(layer, 4, 2)
+    assert rel_error(decode(q, layer), expected(q, layer)) < TOLERANCE
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("padding", ["left", "right", "both"])
+def test_padded_batch(padding: str, q_len: int) -> None:
+    layer = make_layer(*CACHE_PRESETS["int4"], batch=3, tokens=260, residual=16)
+    n = layer.seq_length
+    start = torch.tensor([0, 70, 201]) if padding in ("left", "both") else None
+    lengths = torch.tensor([n, 199, 260 if padding == "right" else 240]) if padding != "left" else None
+    q = queries(layer, 8, q_len)
+    out = decode(q, layer, start=start, lengths=lengths)
+    keys, values = layer.dequantized()
+    for b in range(3):
+        s = 0 if start is None else int(start[b])
+        e = n if lengths is None else int(lengths[b])
+        ref = reference.attention(q[b:b + 1], keys[b:b + 1, :, s:e], values[b:b + 1, :, s:e],
+                                  causal_offset=e - s - q_len)
+        assert rel_error(out[b:b + 1], ref) < TOLERANCE, f"row {b}"
+
+
+def test_incremental_decoding_ignores_spare_capacity() -> None:
+    """Token by token across block flushes; the spare (never written) capacity of every buffer is
+    poisoned, so reading one element too far shows up as NaN."""
+    layer = make_layer("int4-channel", "int4-token", tokens=70, residual=8, group=16)
+    g = torch.Generator(device="cpu").manual_seed(5)
+    for _ in range(20):
+        kv = torch.randn(2, 1, 2, 1, 64, generator=g).to(layer.device, layer.dtype)
+        layer.append(kv[0], kv[1])
+        rows = layer.num_quantized // layer.group
+        for name in ("key_scale", "key_zero"):
+            getattr(layer, name)[:, :, rows:] = float("nan")
+        for name in ("value_scale", "value_zero"):
+            getattr(layer, name)[:, :, layer.num_quantized:] = float("nan")
+        for name in ("window_keys", "window_values"):
+            getattr(layer, name)[:, :, layer.num_window:] = float("nan")
+        q = queries(layer, 4, 1, seed=layer.seq_length)
+        assert rel_error(decode(q, layer), expected(q, layer)) < TOLERANCE, layer
+
+
+@pytest.mark.parametrize("splits,block_n", [(1, 64), (3, 32), (64, 16)])
+def test_every_split_writes_every_output(splits: int, block_n: int) -> None:
+    from kvpack.triton.attention import KernelConfig
+    from kvpack.triton.attention import decode_attention as launch
+
+    layer = make_layer(*CACHE_PRESETS["int8"], batch=2, tokens=520, residual=20)
+    q = queries(layer, 8, 2)
+    out = torch.full_like(q, float("nan"))
+    launch(q, *_store(layer), layer.window_keys, layer.window_values, layer.num_quantized, layer.num_window,
+           layer.key_scheme, layer.value_scheme, layer.group, 0.125, None, None,
+           config=KernelConfig(block_n=block_n, num_splits=splits), out=out)
+    assert torch.isfinite(out).all()
+    assert rel_error(out, expected(q, layer, 0.125)) < TOLERANCE
+
+
+def test_strided_queries() -> None:
+    # transformers hands over q as a transposed view: [B, Lq, Hq, D] memory seen as [B, Hq, Lq, D].
+    layer = make_layer(*CACHE_PRESETS["fp8"], tokens=200)
+    q = queries(layer, 8, 3).transpose(1, 2).contiguous().transpose(1, 2)
+    assert not q.is_contiguous()
+    assert rel_error(decode(q, layer), expected(q, layer)) < TOLERANCE
+
+
+def test_plain_torch_path_matches_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = make_layer(*CACHE_PRESETS["int8"], batch=2, tokens=180, residual=16)
+    q = queries(layer, 4, 2)
+    start = torch.tensor([0, 33])
+    kernel = decode(q, layer, start=start)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr("kvpack.attention._without_kernel", lambda device: "no kernel in this test")
+    torch_path = decode(q, layer, start=start)
+    assert rel_error(torch_path, kernel) < TOLERANCE
+    keys, values = layer.dequantized()
+    assert rel_error(reference_decode(q, keys, values, 64 ** -0.5), expected(q, layer)) < 1e-3
+
+
+def test_query_that_sees_nothing_gets_zeros() -> None:
+    layer = make_layer(*CACHE_PRESETS["int8"], batch=2, tokens=100)
+    q = queries(layer, 4, 3)
+    out = decode(q, layer, start=torch.tensor([0, 98]))  # row 1: only its last two tokens are valid
+    assert torch.isfinite(out).all()
+    assert (out[1, :, 0] == 0).all() and (out[1, :, 1:] != 0).any()
+
+
+def test_custom_op_and_torch_compile() -> None:
+    layer = make_layer(*CACHE_PRESETS["int4"], tokens=100, residual=16)
+    q = queries(layer, 4, 1)
+    args = (q, *_store(layer), layer.window_keys, layer.window_values, layer.num_quantized, layer.num_window,
+            layer.key_scheme.name, layer.value_scheme.name, layer.group, 0.125, None, None)
+    torch.library.opcheck(decode_attention, args)
+    compiled = torch.compile(lambda x: decode(x, layer, scale=0.125) * 2, fullgraph=True, backend="aot_eager")
+    assert rel_error(compiled(q), 2 * expected(q, layer, 0.125)) < TOLERANCE
+
+
+def test_bad_arguments() -> None:
+    layer = make_layer(*CACHE_PRESETS["int8"], tokens=100)
+    q = queries(layer, 4, 1)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        decode(q.float(), layer)
+    with pytest.raises(TypeError, match="QuantizedLayer"):
+        decode(q, object())
+    with pytest.raises(ValueError, match="multiple of 2"):
+        decode(queries(layer, 3, 1), layer)
+    with pytest.raises(ValueError, match="does not fit"):
+        decode(q[..., :32], layer)
+    with pytest.raises(ValueError, match="q_len"):
+        decode(queries(layer, 4, 101), layer)
+    with pytest.raises(ValueError, match="empty"):
+        decode(q, QuantizedLayer("int8-channel-g64", "int8-token"))
+    with pytest.raises(ValueError, match="integer tensor"):
+        decode(q, layer, lengths=torch.tensor([50.0]))
+    with pytest.raises(ValueError, match="lengths"):
+        decode(q, layer, lengths=torch.tensor([101]))
+    with pytest.raises(ValueError, match="start"):
+        decode(q, layer, start=torch.tensor([100]))
+    with pytest.raises(ValueError, match="scale"):
+        decode(q, layer, scale=-1.0)
+
+
+# --------------------------------------------------------------------------------------- GPU sizes
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 96, 128, 256])
+@pytest.mark.parametrize("preset", list(CACHE_PRESETS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gpu_sizes(preset: str, head_dim: int, dtype: torch.dtype) -> None:
+    layer = make_layer(*CACHE_PRESETS[preset], batch=2, kv_heads=8, tokens=4096 + 37, head_dim=head_dim,
+                       residual=128, dtype=dtype)
+    for q_heads, q_len in ((32, 1), (8, 1), (64, 4)):
+        q = queries(layer, q_heads, q_len)
+        assert rel_error(decode(q, layer), expected(q, layer)) < TOLERANCE, (q_heads, q_len)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_padded_long_context() -> None:
+    layer = make_layer(*CACHE_PRESETS["int8"], batch=4, kv_heads=8, tokens=32768 + 100, head_dim=128,
+                       residual=128, dtype=torch.bfloat16)
+    n = layer.seq_length
+    start = torch.tensor([0, 1000, 17, 30000], device=DEVICE)
+    lengths = torch.tensor([n, n, n - 5000, n], device=DEVICE)
+    q = queries(layer, 32, 2)
+    out = decode(q, layer, start=start, lengths=lengths)
+    keys, values = layer.dequantized()
+    for b in range(4):
+        s, e = int(start[b]), int(lengths[b])
+        ref = reference.attention(q[b:b + 1], keys[b:b + 1, :, s:e], values[b:b + 1, :, s:e],
+                                  causal_offset=e - s - 2)
+        assert rel_error(out[b:b + 1], ref) < TOLERANCE, f"row {b}"
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replay() -> None:
+    layer = make_layer(*CACHE_PRESETS["int4"], batch=2, kv_heads=8, tokens=5000, head_dim=128)
+    q = queries(layer, 32, 1)
+    start = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    decode(q, layer, start=start)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode(q, layer, start=start)
+    q.copy_(queries(layer, 32, 1, seed=9))
+    start.copy_(torch.tensor([0, 300]))
+    graph.replay()
+    keys, values = layer.dequantized()
+    ref = reference_decode(q, keys, values, 128 ** -0.5, start=start)
+    assert rel_error(out, ref) < TOLERANCE
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_torch_compile_reduce_overhead() -> None:
+    layer = make_layer(*CACHE_PRESETS["fp8"], batch=2, kv_heads=8, tokens=3000, head_dim=128)
+    step = torch.compile(lambda x: decode(x, layer) + 1, mode="reduce-overhead", fullgraph=True)
+    for seed in range(3):
+        q = queries(layer, 32, 1, seed=seed)
+        assert rel_error(step(q) - 1, expected(q, layer)) < TOLERANCE
