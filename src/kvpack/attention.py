@@ -28,17 +28,10 @@ QUERY_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _store(layer: QuantizedLayer) -> tuple[torch.Tensor | None, ...]:
-    """The valid views of the layer's codes and scales: what the kernel reads."""
-    n = layer.num_quantized
-    if n == 0:
-        return (None,) * 6
-    out = []
-    for role, scheme in (("key", layer.key_scheme), ("value", layer.value_scheme)):
-        rows = n // layer.group if scheme.axis == "channel" else n
-        zero = getattr(layer, f"{role}_zero")
-        out += [getattr(layer, f"{role}_codes")[:, :, :n], getattr(layer, f"{role}_scale")[:, :, :rows],
-                None if zero is None else zero[:, :, :rows]]
-    return tuple(out)
+    """The layer's code, scale and zero-point buffers, keys then values (whole buffers: the kernel reads
+    only the first ``num_quantized`` tokens' rows)."""
+    return (layer.key_codes, layer.key_scale, layer.key_zero,
+            layer.value_codes, layer.value_scale, layer.value_zero)
 
 
 @torch.library.custom_op("kvpack::decode_attention", mutates_args=())

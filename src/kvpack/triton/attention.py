@@ -41,7 +41,7 @@ MAX_SPLITS = 64
 #: Fewest tokens worth a split of their own.
 MIN_SPLIT_TOKENS = 256
 #: Programs to aim for, per streaming multiprocessor, when choosing the number of splits.
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 8
 #: Most query rows (GQA heads x new tokens) one program holds; more rows use several row blocks.
 MAX_BLOCK_M = 64
 
@@ -411,13 +411,12 @@ def decode_attention(
                               for c in (key_codes, value_codes))
     kfmt = _format_args(key_scheme, group, d, block_d, config.block_n)
     vfmt = _format_args(value_scheme, group, d, block_d, config.block_n)
-    placeholder = torch.empty(1, dtype=torch.int32, device=q.device)
     _decode_kernel[(bsz * hkv, splits, row_blocks)](
         q, out, mid_o, mid_l,
         key_codes, key_scale, key_scale if key_zero is None else key_zero,
         value_codes, value_scale, value_scale if value_zero is None else value_zero,
         window_keys, window_values,
-        placeholder if start is None else start, placeholder if end is None else end,
+        q if start is None else start, q if end is None else end,  # q: a placeholder, never read
         scale * math.log2(math.e), num_quantized, num_window, chunk, splits, hkv,
         *q.stride()[:3], *out.stride()[:3],
         *key_codes.stride()[:3], *key_scale.stride()[:3],
