@@ -13,8 +13,9 @@ CuPy keeps the compiled binaries in a disk cache (``~/.cupy/kernel_cache``), so 
 once per GPU architecture and later processes only load it. Kernels run on torch's current CUDA
 stream, on the tensors' memory (``data_ptr``); outputs are allocated by torch.
 
->>> v = variant("vectorized")
->>> codes, scale, _ = v.quantize(k.view(1, *k.shape), parse("int8-channel"))  # k: a CUDA tensor
+>>> k = torch.randn(4096, 128, device="cuda")
+>>> q = kvpack.quantize(k, "int8-channel", backend="cuda-vectorized")  # or cuda-naive, -tiled, -coarsened
+>>> codes, scale, _ = variant("vectorized").quantize(k[None], parse("int8-channel"))  # the raw kernels
 """
 
 from __future__ import annotations
@@ -129,10 +130,10 @@ def _sizes(*sizes: int) -> tuple[np.int64, ...]:
 
 
 def scale_geometry(b: int, t: int, d: int, sms: int) -> tuple[Grid, Block, int]:
-    """``(grid, block, split_tokens)`` of ``absmax_partial``: a block is 256 threads, up to 256
-    channels wide; the tokens are cut into splits (grid y, at most 64) until the grid fills the
-    GPU's ``sms`` multiprocessors several times over."""
-    rx = min(_BLOCK_THREADS, 32 * _cdiv(d, 32))
+    """``(grid, block, split_tokens)`` of ``absmax_partial``: a block is 256 threads, a power of
+    two from 32 to 256 channels wide; the tokens are cut into splits (grid y, at most 64) until
+    the grid fills the GPU's ``sms`` multiprocessors several times over."""
+    rx = min(_BLOCK_THREADS, max(32, 1 << (d - 1).bit_length()))
     ry = _BLOCK_THREADS // rx
     gx, gz = _cdiv(d, rx), min(b, _MAX_GRID_YZ)
     most = max(1, min(64, _cdiv(t, ry * _MIN_TOKENS_PER_THREAD)))
@@ -192,16 +193,19 @@ def _check_scale(scale: Any, like: torch.Tensor, what: str = "scale") -> None:
     _check_tensor(scale, what, (torch.float32,))
     b, _, d = like.shape
     if tuple(scale.shape) != (b, 1, d):
-        raise ValueError(f"{what} must have shape {(b, 1, d)} for a tensor of shape {tuple(like.shape)}, "
-                         f"got {tuple(scale.shape)}")
+        raise ValueError(
+            f"{what} must have shape {(b, 1, d)} for a tensor of shape {tuple(like.shape)}, "
+            f"got {tuple(scale.shape)}"
+        )
     if scale.device != like.device:
         raise ValueError(f"{what} is on {scale.device} but the data is on {like.device}")
 
 
 def _check_same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
     if a.shape != b.shape or a.device != b.device:
-        raise ValueError(f"{what} must have shape {tuple(a.shape)} on {a.device}, "
-                         f"got {tuple(b.shape)} on {b.device}")
+        raise ValueError(
+            f"{what} must have shape {tuple(a.shape)} on {a.device}, got {tuple(b.shape)} on {b.device}"
+        )
 
 
 def _check_scheme(scheme: Scheme) -> None:
@@ -226,11 +230,23 @@ def absmax_scales_into(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     b, t, d = x.shape
     grid, block, split_tokens = scale_geometry(b, t, d, _sm_count(x.device.index))
     partial = torch.empty((b, grid[1], d), dtype=torch.float32, device=x.device)
-    _launch("scales", f"absmax_partial_{_TAGS[x.dtype]}", grid, block,
-            (_ptr(x), _ptr(partial), *_sizes(b, t, d, split_tokens)), x.device)
+    _launch(
+        "scales",
+        f"absmax_partial_{_TAGS[x.dtype]}",
+        grid,
+        block,
+        (_ptr(x), _ptr(partial), *_sizes(b, t, d, split_tokens)),
+        x.device,
+    )
     n = b * d
-    _launch("scales", "finalize_scales", (min(_cdiv(n, _BLOCK_THREADS), 65535), 1, 1), (_BLOCK_THREADS, 1),
-            (_ptr(partial), _ptr(scale), *_sizes(b, grid[1], d)), x.device)
+    _launch(
+        "scales",
+        "finalize_scales",
+        (min(_cdiv(n, _BLOCK_THREADS), 65535), 1, 1),
+        (_BLOCK_THREADS, 1),
+        (_ptr(partial), _ptr(scale), *_sizes(b, grid[1], d)),
+        x.device,
+    )
     return scale
 
 
@@ -244,8 +260,14 @@ def encode_into(variant: str, x: torch.Tensor, scale: torch.Tensor, codes: torch
     _check_same(x, codes, "codes")
     b, t, d = x.shape
     grid, block = _variant_geometry(variant, x)
-    _launch(variant, f"quantize_{variant}_{_TAGS[x.dtype]}", grid, block,
-            (_ptr(x), _ptr(scale), _ptr(codes), *_sizes(b, t, d)), x.device)
+    _launch(
+        variant,
+        f"quantize_{variant}_{_TAGS[x.dtype]}",
+        grid,
+        block,
+        (_ptr(x), _ptr(scale), _ptr(codes), *_sizes(b, t, d)),
+        x.device,
+    )
     return codes
 
 
@@ -260,8 +282,14 @@ def decode_into(variant: str, codes: torch.Tensor, scale: torch.Tensor, out: tor
     _check_same(codes, out, "out")
     b, t, d = codes.shape
     grid, block = _variant_geometry(variant, out)
-    _launch(variant, f"dequantize_{variant}_{_TAGS[out.dtype]}", grid, block,
-            (_ptr(codes), _ptr(scale), _ptr(out), *_sizes(b, t, d)), out.device)
+    _launch(
+        variant,
+        f"dequantize_{variant}_{_TAGS[out.dtype]}",
+        grid,
+        block,
+        (_ptr(codes), _ptr(scale), _ptr(out), *_sizes(b, t, d)),
+        out.device,
+    )
     return out
 
 
@@ -295,8 +323,15 @@ class CudaVariant:
         scale, _ = self.compute_scales(x, scheme)
         return self.encode(x, scheme, scale, None), scale, None
 
-    def dequantize(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme,
-                   channels: int, dtype: torch.dtype) -> torch.Tensor:
+    def dequantize(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        scheme: Scheme,
+        channels: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
         """``codes * scale`` as ``dtype`` (float32/16/bf16), shape ``[B, T, channels]``."""
         _check_scheme(scheme)
         if zero is not None:
