@@ -57,7 +57,7 @@ def test_size_table_from_explicit_numbers(capsys: pytest.CaptureFixture) -> None
     )
     assert rc == 0
     assert "85,899,345,920" in out  # two sequences of Llama 3 70B's cache at 128K tokens
-    assert "keys per channel in groups of 64 tokens" in out
+    assert "keys per channel in blocks of 64 tokens" in out
     for fmt in ("fp32", "fp16", "fp8", "int8", "int4", "int2"):
         assert f"\n{fmt}" in out or f" {fmt} " in out
 

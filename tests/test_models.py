@@ -55,8 +55,8 @@ def test_quantized_sizes_count_scales_and_zero_points() -> None:
     keys = t * d // 2 + (t // 64) * d * 2 * 2
     values = t * d // 2 + t * 2 * 2
     assert kv_bytes(spec, t, 1, "int4") == keys + values == 17920
-    # int2: quarter-byte codes
-    assert kv_bytes(spec, t, 1, "int2") == (t * d // 4 + 2 * d * 4) + (t * d // 4 + t * 4)
+    # int2: quarter-byte codes; values in groups of 32 channels (4 groups of a float16 scale and zero)
+    assert kv_bytes(spec, t, 1, "int2") == (t * d // 4 + 2 * d * 4) + (t * d // 4 + t * 4 * 4)
     # fp8: one byte codes, float32 scales like int8
     assert kv_bytes(spec, t, 1, "fp8") == kv_bytes(spec, t, 1, "int8")
     # a partial group of tokens still holds a whole row of scales
@@ -71,8 +71,9 @@ def test_every_sequence_layer_and_head_has_its_own_scales() -> None:
 
 def test_cache_formats() -> None:
     assert cache_formats("int8") == ("int8-channel-g64", "int8-token")
+    assert cache_formats("int2") == ("int2-channel-g64", "int2-token-g32")
     assert cache_formats("fp8") == ("fp8-e4m3-channel-g64", "fp8-e4m3-token")
-    assert cache_formats("fp8-e5m2") == ("fp8-e5m2-channel-g64", "fp8-e5m2-token")
+    assert cache_formats("fp8-e5m2") == ("fp8-e5m2-token", "fp8-e5m2-token")
     assert cache_formats("fp16") == ("fp16", "fp16")
     assert cache_formats("int4-token-g32") == ("int4-token-g32", "int4-token-g32")
     assert cache_formats(("int8-channel", "fp16")) == ("int8-channel", "fp16")

@@ -8,7 +8,8 @@ sequence in a plain dtype::
 Grouped-query attention makes ``kv_heads`` smaller than the query heads: Llama 3 70B caches 8 heads,
 not 64. Quantized formats are counted with :meth:`kvpack.schemes.Scheme.nbytes`, so the scales and
 zero points are included. Each ``[tokens, head_dim]`` slice of one (sequence, layer, head) has its own
-scales, as a cache stores them.
+scales, as a cache stores them. The few most recent tokens that kvpack's cache keeps in full precision
+(its residual window, a constant independent of the context length) are not counted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kvpack.cache import CACHE_PRESETS
 from kvpack.schemes import Scheme, parse
 
 #: Context length used when neither ``--tokens`` nor the model says otherwise.
@@ -143,10 +145,11 @@ def get(model: str | ModelSpec) -> ModelSpec:
 def cache_formats(fmt: str | tuple[str, str]) -> tuple[str, str]:
     """The (key, value) formats a format name stands for in a KV cache.
 
-    A plain dtype (``fp32``, ``fp16``, ``bf16``) is used for both. A bare type (``int8``, ``int4``,
-    ``int2``, ``fp8``, ``fp8-e4m3``, ``fp8-e5m2``) means the usual cache layout: keys per channel in
-    groups of 64 tokens (the scales of a group are fixed once its 64 tokens have arrived), values
-    per token. A full format name (``int8-token-g32``) is used for both; a pair gives each its own.
+    A plain dtype (``fp32``, ``fp16``, ``bf16``) is used for both. A preset of
+    :data:`kvpack.cache.CACHE_PRESETS` (``int8``, ``int4``, ``int2``, ``fp8``) means the layout
+    kvpack's cache stores: keys per channel in blocks of 64 tokens (a block's scales are fixed once
+    its 64 tokens have arrived), values per token. A full format name (``int8-token-g32``) is used
+    for both; a pair gives each its own.
 
     >>> cache_formats("int4")
     ('int4-channel-g64', 'int4-token')
@@ -158,12 +161,10 @@ def cache_formats(fmt: str | tuple[str, str]) -> tuple[str, str]:
     name = fmt.strip().lower()
     if name in PLAIN_BYTES:
         return name, name
-    if name == "fp8":
-        name = "fp8-e4m3"
-    if name in ("int8", "int4", "int2", "fp8-e4m3", "fp8-e5m2"):
-        return f"{name}-channel-g64", f"{name}-token"
-    parse(name)
-    return name, name
+    if name in CACHE_PRESETS:
+        key, value = CACHE_PRESETS[name]
+        return parse(key).name, parse(value).name
+    return parse(name).name, parse(name).name
 
 
 def tensor_bytes(fmt: str, shape: tuple[int, ...]) -> int:
@@ -219,8 +220,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``kvpack size``."""
     parser.description = (
         "KV-cache memory of a model for a context length and batch, in fp32, fp16, fp8, int8, int4 and "
-        "int2, scales and zero points included. The quantized rows store keys per channel in groups of "
-        "64 tokens and values per token, as a KV cache does. Uses key/value heads (grouped-query attention)."
+        "int2, scales and zero points included. The quantized rows store keys per channel in blocks of "
+        "64 tokens and values per token, as kvpack's cache does (the keys and values columns name the "
+        "formats). Uses key/value heads (grouped-query attention)."
     )
     parser.add_argument("--model", help="a preset (see --list-models) or a transformers config.json path")
     parser.add_argument("--layers", type=int, help="decoder layers (instead of --model)")
@@ -272,11 +274,18 @@ def run(args: argparse.Namespace) -> int:
         f"{spec.name}: {spec.layers} layers, {spec.kv_heads} KV heads x {spec.head_dim}{heads}; "
         f"{tokens} tokens x batch {args.batch}"
     )
-    print("quantized rows: keys per channel in groups of 64 tokens, values per token; scales and zero points")
-    print("counted")
+    print("quantized rows as kvpack's cache stores them: keys per channel in blocks of 64 tokens, values per")
+    print("token; scales and zero points counted; the cache's small full-precision window is not")
     shown = [
-        {**r, "bytes": f"{r['bytes']:,}", "gib": f"{r['gib']:.3f}", "vs_fp16": f"{r['vs_fp16']:.3f}x"}
+        {
+            **r,
+            "bytes": f"{r['bytes']:,}",
+            "gib": f"{r['gib']:.3f}",
+            "vs_fp16": f"{r['vs_fp16']:.4f}",
+            "bytes_per_token": f"{r['bytes_per_token']:,.1f}",
+        }
         for r in rows
     ]
-    print(text_table(shown, ["format", "keys", "values", "bytes", "gib", "vs_fp16", "bytes_per_token"]))
+    columns = ["format", "keys", "values", "bytes", "gib", "vs_fp16", "bytes_per_token"]
+    print(text_table(shown, columns, ["format", "keys", "values", "bytes", "GiB", "x fp16", "bytes/token"]))
     return 0
