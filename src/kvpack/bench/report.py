@@ -28,7 +28,7 @@ def _header(results: dict[str, Any]) -> list[str]:
         "# kvpack bench",
         "",
         f"- device: **{env['device_name']}** ({env['device']}); CPU: {env['cpu']} ({env['cpu_count']} cores, "
-        f"torch uses {env['torch_threads']} threads)",
+        f"torch uses {env['torch_threads']} threads; load average {env.get('load_average_1min')} at start)",
         f"- date (UTC): {env['date']}; wall time {env.get('seconds', '?')} s",
         f"- versions: python {env['python']}, torch {env['torch']}, cuda {env['cuda']}, "
         f"triton {env['triton']}, numba {env['numba']}, kvpack {env['kvpack']}; "
