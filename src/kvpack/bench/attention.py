@@ -486,12 +486,12 @@ def _step_ms(model: Any, cache: Any, batch: int, repeats: int) -> tuple[float, f
 
     with torch.no_grad():
         step()
-        torch.cuda.synchronize()
+        harness.synchronize(model.device)
         wall = []
         for _ in range(3):
             t0 = time.perf_counter()
             step()
-            torch.cuda.synchronize()
+            harness.synchronize(model.device)
             wall.append(time.perf_counter() - t0)
         samples, _ = harness.time_calls(step, [()], repeats, model.device)
     return harness.median(samples) * 1e3, harness.median(wall) * 1e3
@@ -500,7 +500,7 @@ def _step_ms(model: Any, cache: Any, batch: int, repeats: int) -> tuple[float, f
 def _tokens_per_second(model: Any, cache: Any, batch: int, tokens: int, new: int) -> float:
     ids = torch.randint(0, model.config.vocab_size, (batch, tokens + 1), device=model.device)
     with torch.no_grad():
-        torch.cuda.synchronize()
+        harness.synchronize(model.device)
         t0 = time.perf_counter()
         model.generate(
             input_ids=ids,
@@ -510,7 +510,7 @@ def _tokens_per_second(model: Any, cache: Any, batch: int, tokens: int, new: int
             min_new_tokens=new,
             do_sample=False,
         )
-        torch.cuda.synchronize()
+        harness.synchronize(model.device)
     return batch * new / (time.perf_counter() - t0)
 
 
@@ -734,8 +734,11 @@ def plot(results: dict[str, Any], out: Path) -> list[str]:
             heads = f"{results['settings']['q_heads']} q / {h} KV heads"
             axes[0][i].set(xscale="log", title=f"{heads}, batch {b}", ylabel="speedup over SDPA fp16")
             axes[1][i].set(xscale="log", xlabel="cached tokens", ylabel="fraction of copy bandwidth")
+            contexts = sorted({r["context"] for r in rows})
             for ax in axes[:, i]:
-                ax.grid(True, which="both", alpha=0.3)
+                ax.set_xticks(contexts, [f"{c / 1024:g}K" for c in contexts])
+                ax.minorticks_off()
+                ax.grid(True, alpha=0.3)
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"Decode attention, one query token: {title}", fontsize=9)
         fig.tight_layout()
