@@ -1,7 +1,8 @@
 """Shared test helpers: named skip markers and a seeded random state.
 
-Use the markers by importing them (pytest puts ``tests/`` on ``sys.path``, so this works from any
-test file)::
+Use the markers by importing them (pytest's default ``prepend`` import mode puts ``tests/`` on
+``sys.path``, so this works from any test file; ``--import-mode=importlib`` would need
+``pythonpath = ["tests"]`` in the pytest configuration)::
 
     from conftest import requires_cuda, requires_triton
 
