@@ -268,11 +268,12 @@ class QuantizedLayer:
             self._resize_store(tokens)
 
     def _allocate(self, keys: torch.Tensor, values: torch.Tensor, total: int) -> None:
+        """The window, sized for what stays in it after the first append (it doubles up to its cap)."""
         b, h, _, dk = keys.shape
         dv = values.shape[-1]
         check_head_dim(self.key_scheme, dk, "key")
         check_head_dim(self.value_scheme, dv, "value")
-        cap = min(self.window_capacity, total)
+        cap = total - quantized_length(total, self.residual, self.group)
         self.window_keys = torch.empty(b, h, cap, dk, dtype=keys.dtype, device=keys.device)
         self.window_values = torch.empty(b, h, cap, dv, dtype=values.dtype, device=values.device)
 
