@@ -169,12 +169,14 @@ def _attend(q, k, v, tok, ok, qpos, m_i, l_i, acc, qk_scale, INTERPRET: tl.const
     return m_new, l_i, acc
 
 
-@triton.jit
+# The token counts change every step: specializing on them (divisibility by 16, == 1) would compile
+# new variants as decoding goes on.
+@triton.jit(do_not_specialize=["n_quant", "n_window", "chunk", "num_splits", "rep", "lq"])
 def _decode_kernel(
     Q, Out, MidO, MidL,
     KC, KS, KZ, VC, VS, VZ, WK, WV,
     Start, End,
-    qk_scale, n_quant, n_window, chunk, num_splits, num_kv_heads,
+    qk_scale, n_quant, n_window, chunk, num_splits, num_kv_heads, rep, lq,
     stride_qb, stride_qh, stride_qm,
     stride_ob, stride_oh, stride_om,
     stride_kcb, stride_kch, stride_kct,
@@ -183,7 +185,7 @@ def _decode_kernel(
     stride_vsb, stride_vsh, stride_vst,
     stride_wkb, stride_wkh, stride_wkt,
     stride_wvb, stride_wvh, stride_wvt,
-    D: tl.constexpr, REP: tl.constexpr, LQ: tl.constexpr,
+    D: tl.constexpr,
     K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_SMODE: tl.constexpr,
     K_ROW_DIV: tl.constexpr, K_COL_DIV: tl.constexpr,
     V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_SMODE: tl.constexpr,
@@ -198,9 +200,9 @@ def _decode_kernel(
     h = (pid_bh % num_kv_heads).to(tl.int64)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < REP * LQ
-    head = h * REP + rows // LQ
-    qi = rows % LQ
+    row_ok = rows < rep * lq
+    head = h * rep + rows // lq
+    qi = rows % lq
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
 
@@ -210,7 +212,7 @@ def _decode_kernel(
     begin = 0
     if HAS_START:
         begin = tl.load(Start + b).to(tl.int32)
-    qpos = tl.where(row_ok, end - LQ + qi, -1)
+    qpos = tl.where(row_ok, end - lq + qi, -1)
 
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -260,7 +262,7 @@ def _decode_kernel(
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     if SPLIT:
-        r = ((b * (num_kv_heads * REP) + head) * LQ + qi) * num_splits + split
+        r = ((b * (num_kv_heads * rep) + head) * lq + qi) * num_splits + split
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(MidL + r, lse, mask=row_ok)
         tl.store(MidO + r[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
@@ -269,16 +271,15 @@ def _decode_kernel(
         tl.store(out, _rounded(o, Out.dtype.element_ty, INTERPRET), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
-def _combine_kernel(MidO, MidL, Out, num_splits, num_heads, stride_ob, stride_oh, stride_om,
-                    D: tl.constexpr, LQ: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits", "lq"])
+def _combine_kernel(MidO, MidL, Out, num_splits, num_heads, lq, stride_ob, stride_oh, stride_om,
+                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
     """``out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``; zeros if no split
     saw a key."""
     r = tl.program_id(0).to(tl.int64)
-    qi = r % LQ
-    head = (r // LQ) % num_heads
-    b = r // (LQ * num_heads)
+    qi = r % lq
+    head = (r // lq) % num_heads
+    b = r // (lq * num_heads)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
@@ -417,12 +418,12 @@ def decode_attention(
         value_codes, value_scale, value_scale if value_zero is None else value_zero,
         window_keys, window_values,
         q if start is None else start, q if end is None else end,  # q: a placeholder, never read
-        scale * math.log2(math.e), num_quantized, num_window, chunk, splits, hkv,
+        scale * math.log2(math.e), num_quantized, num_window, chunk, splits, hkv, hq // hkv, lq,
         *q.stride()[:3], *out.stride()[:3],
         *key_codes.stride()[:3], *key_scale.stride()[:3],
         *value_codes.stride()[:3], *value_scale.stride()[:3],
         *window_keys.stride()[:3], *window_values.stride()[:3],
-        D=d, REP=hq // hkv, LQ=lq,
+        D=d,
         **{f"K_{k}": v for k, v in kfmt.items()}, **{f"V_{k}": v for k, v in vfmt.items()},
         HAS_START=start is not None, HAS_END=end is not None, SPLIT=splits > 1,
         INTERPRET=triton_interpreted(),
@@ -431,8 +432,8 @@ def decode_attention(
     )
     if splits > 1:
         _combine_kernel[(bsz * hq * lq,)](
-            mid_o, mid_l, out, splits, hq, *out.stride()[:3],
-            D=d, LQ=lq, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            mid_o, mid_l, out, splits, hq, lq, *out.stride()[:3],
+            D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
             INTERPRET=triton_interpreted(), num_warps=4 if block_d <= 128 else 8,
         )
     return out
