@@ -127,6 +127,7 @@ def bench_plots(results: dict[str, Any], out: Path) -> list[str]:
         axes[1].plot(xs, [r["max_abs_error"] for r in errs], "o-", label="max |x - x_hat|")
         axes[1].plot(xs, [r["bound"] for r in errs], "k--", label="bound scale/2")
         axes[1].set(ylabel="max abs error", title="Max abs error and its bound")
+        axes[1].ticklabel_format(axis="y", useOffset=False)
         axes[2].plot(xs, [r["attention_error"] for r in errs], "o-", label="16 queries")
         axes[2].plot(xs, [r["attention_error_1q"] for r in errs], "^-", label="1 query")
         axes[2].plot(xs, [p.attention_error if p else None for p in logged], "s--", label="paper (1 query)")

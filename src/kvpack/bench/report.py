@@ -205,6 +205,7 @@ def _paper(rows: list[dict[str, Any]]) -> list[str]:
     cols = [
         "config",
         "paper_cpu",
+        "columns",
         "scalar",
         "torch_cpu",
         "paper_vec",
@@ -218,6 +219,7 @@ def _paper(rows: list[dict[str, Any]]) -> list[str]:
     heads = [
         "config",
         "paper CPU ms",
+        "cpu-scalar-columns ms",
         "cpu-scalar ms",
         "torch CPU ms",
         "paper vectorized ms",
