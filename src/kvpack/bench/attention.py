@@ -233,7 +233,7 @@ def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 # -------------------------------------------------------------------------------------------- kernels
 
 
-class _KernelBench:
+class KernelBench:
     def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
         self.args = args
         self.device = device
@@ -792,7 +792,7 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     start = time.perf_counter()
-    bench = _KernelBench(args, device)
+    bench = KernelBench(args, device)
     cases = 0 if args.no_kernels else len(args.kv_heads) * len(args.batches) * len(args.contexts)
     with tqdm(
         total=cases + 5 * args.e2e, desc="kvpack bench-attention", file=sys.stderr, disable=None
