@@ -54,12 +54,15 @@ def _reduce(x: torch.Tensor, scheme: Scheme, op: str) -> torch.Tensor:
     return r
 
 
-def _expand(s: torch.Tensor, scheme: Scheme, tokens: int, channels: int) -> torch.Tensor:
-    """Broadcast per-group scales ``[B, sT, sD]`` back to ``[B, T, D]``."""
-    g = scheme.group_size(tokens, channels)
-    if scheme.axis == "channel":
-        return s.repeat_interleave(g, dim=1)[:, :tokens]
-    return s.repeat_interleave(g, dim=2)[:, :, :channels]
+def _ungroup(y: torch.Tensor, tokens: int, channels: int) -> torch.Tensor:
+    """Inverse of :func:`_grouped`: ``[B, nT, gT, nD, gD]`` back to a contiguous ``[B, T, D]``."""
+    b, nt, gt, nd, gd = y.shape
+    return y.reshape(b, nt * gt, nd * gd)[:, :tokens, :channels].contiguous()
+
+
+def _bcast(s: torch.Tensor) -> torch.Tensor:
+    """Per-group scales ``[B, sT, sD]`` as ``[B, sT, 1, sD, 1]``, to broadcast over :func:`_grouped`."""
+    return s.float()[:, :, None, :, None]
 
 
 def _div(a: torch.Tensor, d: float) -> torch.Tensor:
@@ -107,16 +110,16 @@ def encode(
 ) -> torch.Tensor:
     """Codes of ``x [B, T, D]`` given its scales: int8, packed uint8, or float8."""
     _, t, d = x.shape
-    s = _expand(scale.float(), scheme, t, d)
-    xf = x.float()
+    s = _bcast(scale)
+    xg = _grouped(x.float(), scheme, 0.0)
     if scheme.fp8 is not None:
-        y = torch.clamp(xf / s, -scheme.qmax, scheme.qmax)
-        return y.to(scheme.code_dtype)
+        y = torch.clamp(xg / s, -scheme.qmax, scheme.qmax)
+        return _ungroup(y, t, d).to(scheme.code_dtype)
     if scheme.symmetric:
-        return torch.clamp(torch.round(xf / s), -scheme.qmax, scheme.qmax).to(torch.int8)
-    z = _expand(zero.float(), scheme, t, d)
-    q = torch.clamp(torch.round((xf - z) / s), 0, scheme.qmax).to(torch.uint8)
-    return pack(q, scheme.bits)
+        y = (xg / s).round_().clamp_(-scheme.qmax, scheme.qmax)
+        return _ungroup(y, t, d).to(torch.int8)
+    y = ((xg - _bcast(zero)) / s).round_().clamp_(0, scheme.qmax)
+    return pack(_ungroup(y, t, d).to(torch.uint8), scheme.bits)
 
 
 def quantize(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -139,12 +142,12 @@ def dequantize(
 ) -> torch.Tensor:
     """Rebuild ``[B, T, D]`` in ``dtype`` from codes and scales (float32 arithmetic, one rounding at the end)."""
     t = codes.shape[1]
-    s = _expand(scale.float(), scheme, t, channels)
     if scheme.fp8 is not None or scheme.symmetric:
-        return (codes.float() * s).to(dtype)
-    q = unpack(codes, scheme.bits, channels).float()
-    z = _expand(zero.float(), scheme, t, channels)
-    return (q * s + z).to(dtype)
+        y = _grouped(codes.float(), scheme, 0.0) * _bcast(scale)
+    else:
+        q = _grouped(unpack(codes, scheme.bits, channels).float(), scheme, 0.0)
+        y = q * _bcast(scale) + _bcast(zero)
+    return _ungroup(y, t, channels).to(dtype)
 
 
 def attention(
