@@ -1,10 +1,12 @@
 """Check and time kvpack's decode attention (kvpack.attention.decode, the Triton flash-decoding kernel).
 
-1. Correctness at GPU sizes: every cache preset (int8, int4, fp8, int2) at head dims 64, 96, 128 and
-   256 in float16 (128 also in bfloat16), with 32 query heads over 8 or 32 KV heads and 1 or 4 query
-   tokens; long padded batches; forced split counts; other key/value format pairs; CUDA-graph replay
-   and torch.compile. Each case compares with float32 attention over the layer's dequantized cache
-   (kvpack.reference.attention): PASS when the relative L2 error is below 1e-2.
+1. Correctness: runs tests/test_attention.py and tests/test_hf_attention.py on the GPU and prints a
+   PASS/FAIL/SKIP table. At GPU sizes: every cache preset (int8, int4, fp8, int2) at head dims 64, 96,
+   128 and 256 in float16 and bfloat16, 32 query heads over 8 or 32 KV heads (and 64 over 8) with 1 or
+   4 query tokens; long padded batches (32868 tokens, left and right padding, 1 and 3 queries); forced
+   split counts and tile sizes; CUDA-graph replay and torch.compile. At small sizes: every key/value
+   format pair, odd shapes, the transformers attention. Every case compares with float32 attention over
+   the layer's dequantized cache (kvpack.reference.attention): relative L2 error below 1e-2.
 2. Tile sweep: int8 and int4 at batch 8, 32 query / 8 KV heads, 32768 tokens, for tokens per tile,
    warps, pipeline stages and split counts, next to the default choice.
 3. The kernel table of ``kvpack bench-attention`` in a short form (batches 1 and 8, 16K and 32K tokens,
@@ -24,160 +26,58 @@ import dataclasses
 import os
 import sys
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kvpack import reference  # noqa: E402
-from kvpack.attention import decode, reference_decode  # noqa: E402
+from kvpack.attention import decode  # noqa: E402
 from kvpack.bench import attention as bench  # noqa: E402
 from kvpack.bench import harness  # noqa: E402
-from kvpack.cache import CACHE_PRESETS, QuantizedLayer  # noqa: E402
+from kvpack.cache import QuantizedLayer  # noqa: E402
 from kvpack.triton.attention import KernelConfig, default_config  # noqa: E402
 
 DEVICE = torch.device("cuda")
-LIMIT = 1e-2
-FP16, BF16 = torch.float16, torch.bfloat16
+TESTS = ("tests/test_attention.py", "tests/test_hf_attention.py")
 
 
-def layer_of(formats: tuple[str, str], batch: int, kv_heads: int, tokens: int, head_dim: int,
-             dtype: torch.dtype = FP16, residual: int = 128, group: int | None = None) -> QuantizedLayer:
-    g = torch.Generator(device=DEVICE).manual_seed(tokens + head_dim)
-    shape = (batch, kv_heads, tokens, head_dim)
-    outliers = 1 + 4 * (torch.rand(head_dim, generator=g, device=DEVICE) > 0.9)
-    layer = QuantizedLayer(*formats, residual=residual, group=group)
-    keys = torch.randn(shape, generator=g, device=DEVICE) * outliers
-    layer.append(keys.to(dtype), torch.randn(shape, generator=g, device=DEVICE).to(dtype))
-    return layer
-
-
-def queries(layer: QuantizedLayer, q_heads: int, q_len: int, seed: int = 1) -> torch.Tensor:
+def queries(layer: QuantizedLayer, q_heads: int, q_len: int) -> torch.Tensor:
     b, _, _, d = layer.window_keys.shape
-    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(1)
     return torch.randn(b, q_heads, q_len, d, generator=g, device=DEVICE).to(layer.dtype)
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
-
-
-def expected(q: torch.Tensor, layer: QuantizedLayer, start: torch.Tensor | None = None,
-             lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 attention over the dequantized cache, row by row when padded."""
-    keys, values = layer.dequantized()
-    n, lq = layer.seq_length, q.shape[2]
-    if start is None and lengths is None:
-        return reference.attention(q, keys, values, causal_offset=n - lq)
-    rows = []
-    for b in range(q.shape[0]):
-        s = 0 if start is None else int(start[b])
-        e = n if lengths is None else int(lengths[b])
-        rows.append(reference.attention(q[b:b + 1], keys[b:b + 1, :, s:e], values[b:b + 1, :, s:e],
-                                        causal_offset=e - s - lq))
-    return torch.cat(rows)
 
 
 # ------------------------------------------------------------------------------------------ correctness
 
 
-def correctness_cases() -> list[tuple[str, Callable[[], float]]]:
-    """``(label, case)``; a case returns the relative error of the worst output it checks."""
-    cases = []
+class _Collector:
+    """A pytest plugin that keeps each test's outcome, duration and failure text."""
 
-    def plain(formats, batch, kv_heads, tokens, head_dim, dtype, q_heads, q_len, residual=128, group=None,
-              config=None):
-        def run() -> float:
-            layer = layer_of(formats, batch, kv_heads, tokens, head_dim, dtype, residual, group)
-            q = queries(layer, q_heads, q_len)
-            return rel_error(decode(q, layer, config=config), expected(q, layer))
-        return run
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
 
-    for preset, formats in CACHE_PRESETS.items():
-        for head_dim in (64, 96, 128, 256):
-            for dtype in (FP16, BF16) if head_dim == 128 else (FP16,):
-                for q_heads, kv_heads, q_len in ((32, 8, 1), (32, 32, 1), (32, 8, 4)):
-                    label = (f"{preset} D={head_dim} {str(dtype)[6:]} {q_heads}q/{kv_heads}kv Lq={q_len} "
-                             f"T=4133 B=2")
-                    cases.append((label, plain(formats, 2, kv_heads, 4133, head_dim, dtype, q_heads, q_len)))
-    for formats in (("int8-token", "int8-channel-g64"), ("fp8-e5m2-channel-g64", "fp8-e5m2"),
-                    ("int4-channel-g64", "int4-token-g32"), ("int2-token", "int8-token-g16")):
-        cases.append((f"{'/'.join(formats)} D=128 fp16 32q/8kv Lq=1 T=5000",
-                      plain(formats, 2, 8, 5000, 128, FP16, 32, 1)))
-    cases.append(("int8-channel/int4-channel group=40 D=128 fp16 Lq=2 T=3000",
-                  plain(("int8-channel", "int4-channel"), 2, 8, 3000, 128, FP16, 32, 2, group=40)))
-    cases.append(("int8 window only T=5 D=128", plain(CACHE_PRESETS["int8"], 2, 8, 5, 128, FP16, 32, 1)))
-    cases.append(("int4 window empty T=4096 residual=0",
-                  plain(CACHE_PRESETS["int4"], 2, 8, 4096, 128, FP16, 32, 1, residual=0)))
-    for splits in (1, 7, 64):
-        for block_n in (32, 64):
-            config = KernelConfig(block_n=block_n, num_splits=splits)
-            cases.append((f"int8 T=32868 B=2 splits={splits} block_n={block_n}",
-                          plain(CACHE_PRESETS["int8"], 2, 8, 32868, 128, BF16, 32, 1, config=config)))
-
-    def padded(preset: str, q_len: int) -> Callable[[], float]:
-        def run() -> float:
-            layer = layer_of(CACHE_PRESETS[preset], 4, 8, 32868, 128, BF16)
-            n = layer.seq_length
-            start = torch.tensor([0, 1000, 17, 30000], device=DEVICE)
-            lengths = torch.tensor([n, n, n - 5000, n - 1], device=DEVICE)
-            q = queries(layer, 32, q_len)
-            out = decode(q, layer, start=start, lengths=lengths)
-            return rel_error(out, expected(q, layer, start, lengths))
-        return run
-
-    for preset in CACHE_PRESETS:
-        for q_len in (1, 3):
-            cases.append((f"{preset} padded B=4 T=32868 bf16 Lq={q_len}", padded(preset, q_len)))
-
-    def graph() -> float:
-        layer = layer_of(CACHE_PRESETS["int4"], 2, 8, 5000, 128)
-        q = queries(layer, 32, 1)
-        start = torch.zeros(2, dtype=torch.int32, device=DEVICE)
-        decode(q, layer, start=start)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = decode(q, layer, start=start)
-        q.copy_(queries(layer, 32, 1, seed=9))
-        start.copy_(torch.tensor([0, 300]))
-        g.replay()
-        keys, values = layer.dequantized()
-        return rel_error(out, reference_decode(q, keys, values, 128 ** -0.5, start=start))
-
-    def compiled() -> float:
-        layer = layer_of(CACHE_PRESETS["fp8"], 2, 8, 3000, 128)
-        step = torch.compile(lambda x: decode(x, layer) + 1, mode="reduce-overhead", fullgraph=True)
-        worst = 0.0
-        for seed in range(3):
-            q = queries(layer, 32, 1, seed=seed)
-            worst = max(worst, rel_error(step(q) - 1, expected(q, layer)))
-        return worst
-
-    cases += [("CUDA graph capture and replay", graph), ("torch.compile reduce-overhead", compiled)]
-    return cases
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when == "call" or report.outcome != "passed":
+            status = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[report.outcome]
+            row = {"case": report.nodeid.split("::", 1)[1], "file": report.fspath, "stage": report.when,
+                   "status": status, "seconds": round(report.duration, 2)}
+            if report.outcome != "passed":
+                row["detail"] = str(report.longrepr)[-1500:]
+            self.rows.append(row)
+            print(f"{status:4}  {row['seconds']:7.2f} s  {row['case']}", flush=True)
 
 
 def check_correctness() -> list[dict]:
-    rows = []
-    for label, case in correctness_cases():
-        t0 = time.perf_counter()
-        try:
-            err = case()
-            status = "PASS" if err < LIMIT else "FAIL"
-            rows.append({"case": label, "status": status, "rel_error": err})
-        except Exception as exc:  # a failing case is reported, the others still run
-            rows.append({"case": label, "status": "ERROR", "rel_error": None,
-                         "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
-        rows[-1]["seconds"] = round(time.perf_counter() - t0, 2)
-        torch.cuda.empty_cache()
-        print(f"{rows[-1]['status']:5}  {harness.fmt_value(rows[-1]['rel_error']):>10}  {label}", flush=True)
-        if rows[-1]["status"] == "ERROR":
-            print("       " + rows[-1]["error"][:300], flush=True)
-    return rows
+    """Every test of the two test files, on the GPU: the GPU-size tests (every preset at head dims 64,
+    96, 128, 256, long padded batches, forced splits, CUDA graphs, torch.compile) and the small-size
+    ones (every format pair, odd shapes, padding, custom op), plus the transformers tests."""
+    collector = _Collector()
+    pytest.main([*(str(ROOT / t) for t in TESTS), "-q", "-p", "no:cacheprovider", "--no-header"],
+                plugins=[collector])
+    return collector.rows
 
 
 # ------------------------------------------------------------------------------------------------ sweep
@@ -231,11 +131,15 @@ def main() -> int:
         return 2
     t0 = time.perf_counter()
     result: dict = {"kind": "kvpack-gpu-check-attention", "environment": harness.environment(DEVICE)}
-    print("== correctness (relative L2 error against float32 attention over the dequantized cache)")
+    print("== correctness: the attention tests on the GPU")
     result["correctness"] = check_correctness()
-    failed = [r for r in result["correctness"] if r["status"] != "PASS"]
-    print(f"{len(result['correctness']) - len(failed)} PASS, {len(failed)} FAIL/ERROR "
-          f"({time.perf_counter() - t0:.0f} s)\n", flush=True)
+    failed = [r for r in result["correctness"] if r["status"] == "FAIL"]
+    counts = {s: sum(r["status"] == s for r in result["correctness"]) for s in ("PASS", "FAIL", "SKIP")}
+    took = time.perf_counter() - t0
+    print(f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP ({took:.0f} s)")
+    for r in failed:
+        print(f"\nFAIL {r['case']}:\n{r['detail']}")
+    print(flush=True)
 
     if not args.no_sweep:
         print("== tile sweep: batch 8, 32 q / 8 KV heads, 32768 tokens, head dim 128")

@@ -255,20 +255,36 @@ def test_gpu_sizes(preset: str, head_dim: int, dtype: torch.dtype) -> None:
 
 @requires_cuda
 @pytest.mark.gpu
-def test_gpu_padded_long_context() -> None:
-    layer = make_layer(*CACHE_PRESETS["int8"], batch=4, kv_heads=8, tokens=32768 + 100, head_dim=128,
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("preset", list(CACHE_PRESETS))
+def test_gpu_padded_long_context(preset: str, q_len: int) -> None:
+    layer = make_layer(*CACHE_PRESETS[preset], batch=4, kv_heads=8, tokens=32768 + 100, head_dim=128,
                        residual=128, dtype=torch.bfloat16)
     n = layer.seq_length
     start = torch.tensor([0, 1000, 17, 30000], device=DEVICE)
-    lengths = torch.tensor([n, n, n - 5000, n], device=DEVICE)
-    q = queries(layer, 32, 2)
+    lengths = torch.tensor([n, n, n - 5000, n - 1], device=DEVICE)
+    q = queries(layer, 32, q_len)
     out = decode(q, layer, start=start, lengths=lengths)
     keys, values = layer.dequantized()
     for b in range(4):
         s, e = int(start[b]), int(lengths[b])
         ref = reference.attention(q[b:b + 1], keys[b:b + 1, :, s:e], values[b:b + 1, :, s:e],
-                                  causal_offset=e - s - 2)
+                                  causal_offset=e - s - q_len)
         assert rel_error(out[b:b + 1], ref) < TOLERANCE, f"row {b}"
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_n", [16, 32, 64])
+@pytest.mark.parametrize("splits", [1, 7, 64])
+def test_gpu_forced_splits(splits: int, block_n: int) -> None:
+    from kvpack.triton.attention import KernelConfig
+
+    layer = make_layer(*CACHE_PRESETS["int8"], batch=2, kv_heads=8, tokens=32768 + 100, head_dim=128,
+                       residual=128, dtype=torch.bfloat16)
+    q = queries(layer, 32, 1)
+    out = decode(q, layer, config=KernelConfig(block_n=block_n, num_splits=splits))
+    assert rel_error(out, expected(q, layer)) < TOLERANCE
 
 
 @requires_cuda
