@@ -1,4 +1,10 @@
-"""Public quantize / dequantize: validate the input, pick a backend, dispatch."""
+"""Public quantize / dequantize: validate the input, pick a backend, dispatch.
+
+The kernels are reached through two torch custom ops, ``kvpack::quantize`` and ``kvpack::dequantize``,
+with fake implementations that derive the output shapes from the format: ``torch.compile``
+(``fullgraph=True`` included) traces :func:`quantize` and :func:`dequantize` as single graph nodes,
+and CUDA-graph capture records the kernels' launches (nothing here syncs with the host while capturing).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,56 @@ from kvpack.backends import Backend, implementation, resolve
 from kvpack.schemes import INPUT_DTYPES, QuantizedTensor, Scheme, parse
 
 _DTYPE_NAMES = ", ".join(str(d).removeprefix("torch.") for d in INPUT_DTYPES)
+
+
+@torch.library.custom_op("kvpack::quantize", mutates_args=())
+def _quantize_op(x: torch.Tensor, fmt: str, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(codes, scale, zero)`` of a contiguous ``x [B, T, D]`` in format ``fmt`` on ``backend``;
+    ``zero`` is an empty tensor for the symmetric formats (int8, fp8)."""
+    scheme = parse(fmt)
+    codes, scale, zero = implementation(resolve(backend, scheme, x.device)).quantize(x, scheme)
+    return codes, scale, scale.new_empty(0) if zero is None else zero
+
+
+@_quantize_op.register_fake
+def _quantize_fake(
+    x: torch.Tensor, fmt: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scheme = parse(fmt)
+    b, t, d = x.shape
+    codes = x.new_empty((b, *scheme.code_shape(t, d)), dtype=scheme.code_dtype)
+    scale = x.new_empty((b, *scheme.scale_shape(t, d)), dtype=scheme.scale_dtype)
+    return codes, scale, scale.new_empty(0 if scheme.symmetric else scale.shape)
+
+
+@torch.library.custom_op("kvpack::dequantize", mutates_args=())
+def _dequantize_op(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    fmt: str,
+    channels: int,
+    dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    """``[B, T, channels]`` in ``dtype`` from contiguous codes and scales (``zero`` empty for the
+    symmetric formats) on ``backend``."""
+    scheme = parse(fmt)
+    impl = implementation(resolve(backend, scheme, codes.device))
+    return impl.dequantize(codes, scale, None if scheme.symmetric else zero, scheme, channels, dtype)
+
+
+@_dequantize_op.register_fake
+def _dequantize_fake(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    fmt: str,
+    channels: int,
+    dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    return codes.new_empty((codes.shape[0], codes.shape[1], channels), dtype=dtype)
 
 
 def check_input(x: torch.Tensor, what: str = "input") -> None:
@@ -65,10 +121,11 @@ def quantize(x: torch.Tensor, fmt: str | Scheme, backend: Backend | str = "auto"
     """
     scheme = parse(fmt)
     check_input(x)
-    impl = implementation(resolve(backend, scheme, x.device))
+    chosen = resolve(backend, scheme, x.device)
     *lead, t, d = x.shape
     x3 = x.reshape(math.prod(lead), t, d).contiguous()
-    codes, scale, zero = impl.quantize(x3, scheme)
+    codes, scale, zero = _quantize_op(x3, scheme.name, chosen.value)
+    zero = None if scheme.symmetric else zero
     check_scales(x3, scheme, scale, zero)
     return QuantizedTensor(
         codes=codes.reshape(*lead, *codes.shape[1:]),
@@ -89,14 +146,15 @@ def dequantize(
     dtype = dtype or q.dtype
     if dtype not in INPUT_DTYPES:
         raise TypeError(f"dequantize dtype {dtype} is not supported; accepted: {_DTYPE_NAMES}")
-    impl = implementation(resolve(backend, q.scheme, q.device))
+    chosen = resolve(backend, q.scheme, q.device)
     *lead, t, d = q.shape
     n = math.prod(lead)
 
-    def flat(a: torch.Tensor | None) -> torch.Tensor | None:
-        return None if a is None else a.reshape(n, *a.shape[-2:]).contiguous()
+    def flat(a: torch.Tensor) -> torch.Tensor:
+        return a.reshape(n, *a.shape[-2:]).contiguous()
 
-    out = impl.dequantize(flat(q.codes), flat(q.scale), flat(q.zero), q.scheme, d, dtype)
+    zero = q.scale.new_empty(0) if q.zero is None else flat(q.zero)
+    out = _dequantize_op(flat(q.codes), flat(q.scale), zero, q.scheme.name, d, dtype, chosen.value)
     return out.reshape(q.shape)
 
 

@@ -1,0 +1,700 @@
+"""Triton quantize / dequantize for every kvpack format, bit-exact with :mod:`kvpack.reference`.
+
+Tensors are 3-D and contiguous: ``x [B, T, D]`` (float32, float16 or bfloat16), codes
+``[B, T, ceil(D / per_byte)]``, scales and zero points ``[B, sT, sD]`` (see :mod:`kvpack.schemes`).
+
+How each format is computed:
+
+- channel-axis scales (reduced over tokens) in groups of at most 1024 tokens (``int8-channel-g128``,
+  or a short sequence): ``_channel_kernel``, one program per (group, block of channels), reduces and
+  encodes in one pass over ``x``; a group that fits one tile is encoded from registers, a larger one
+  from the L1/L2 copy the reduction just brought in.
+- channel-axis scales over more tokens (``int8-channel`` on a long sequence): the reduction of each
+  group is split over ``splits`` programs that write partial max/min rows, ``_finalize_kernel``
+  folds them into scales, and ``_encode_kernel`` reads ``x`` again. Nothing can be encoded before its
+  channel's last token is seen, and ``x`` outgrows L2, so two reads of ``x`` are the floor here.
+- token-axis scales (reduced over channels): ``_token_kernel``, one tile row per (token, group) pair,
+  one pass. When int4/int2 groups end inside a byte (a group size that ``per_byte`` does not divide),
+  ``_encode_kernel`` writes the codes from the stored scales instead.
+- ``_encode_kernel`` / ``_dequantize_kernel``: codes from given scales and back, either axis.
+
+Numerics are the reference's: float32 arithmetic, IEEE division (``tl.div_rn``), round half to even
+(``_rint``), FP8 rounding to nearest even on the FP8 grid done in float32 (``_fp8_round``) so that the
+final cast is exact on the GPU and in Triton's CPU interpreter alike, and bfloat16 outputs rounded to
+nearest even in float32 before their cast for the same reason. A NaN counts as an infinite maximum
+(and minimum), so it always yields a non-finite scale, which :func:`kvpack.ops.check_scales` reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kvpack.backends import triton_interpreted
+from kvpack.schemes import INPUT_DTYPES, Scheme
+
+#: Mantissa bits and smallest normal exponent of each FP8 format.
+_FP8_GRID = {"e4m3": (3, -6), "e5m2": (2, -14)}
+#: Elements per tile in the default tile shapes: 32 KB of float32, 32 per thread at 8 warps.
+_TILE = 8192
+#: Channel-axis groups of up to this many tokens are reduced and encoded by one program.
+_ONE_PASS_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """The tile shape of a launch (the defaults come from the tensor's shape; benchmarks tune them).
+
+    Attributes:
+        block_t: rows of a tile: tokens, or (token, group) pairs for token-axis scales.
+        block_d: columns of a tile: channels, or a group's channels for token-axis scales; at
+            least 8 so that packed codes fill whole bytes.
+        splits: channel-axis scales only: programs that share the reduction of one group. Above 1
+            they write partial results that a second kernel folds, and the codes need a second
+            read of ``x``.
+        num_warps: warps per program.
+    """
+
+    block_t: int
+    block_d: int
+    splits: int = 1
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name, low in (("block_t", 1), ("block_d", 8)):
+            v = getattr(self, name)
+            if v < low or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= {low}, got {v}")
+        if self.splits < 1:
+            raise ValueError(f"splits must be >= 1, got {self.splits}")
+        if self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"num_warps must be a power of two up to 32, got {self.num_warps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers
+
+
+@triton.jit
+def _rint(y):
+    """Round half to even, for |y| < 2^22: adding 1.5 * 2^23 leaves no fraction bits, so the add
+    itself rounds (to nearest even); subtracting it again is exact. Works for negative y too."""
+    return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _fp8_round(y, MANT: tl.constexpr, EMIN: tl.constexpr):
+    """``y`` (|y| <= the FP8 max) rounded to nearest even on the FP8 grid with MANT mantissa bits and
+    smallest normal exponent EMIN, as float32: the step is 2^(e - MANT), e the exponent of |y| taken
+    from its bits (at least EMIN: subnormals share the smallest normal step). Scaling by powers of
+    two is exact. The sign bit is copied back (Triton negates as ``0 - x``, which loses -0), so -0.0
+    and negatives that round to 0 give -0 as in torch."""
+    bits = y.to(tl.int32, bitcast=True)
+    a = tl.abs(y)
+    e = tl.maximum(((bits >> 23) & 0xFF) - 127, EMIN)
+    up = ((127 + MANT - e) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - MANT + e) << 23).to(tl.float32, bitcast=True)
+    r = _rint(a * up) * down
+    return (r.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _bf16_round(y):
+    """float32 rounded to nearest even at bfloat16 precision (kept as float32): the cast after it is
+    exact, where the interpreter's own cast truncates."""
+    bits = y.to(tl.int32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _stats(x, mask, AXIS: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Max and min of the masked ``x`` along AXIS; for symmetric formats the max of |x|, twice.
+    NaN counts as +inf for the max and -inf for the min (Triton's max alone may drop it)."""
+    nan = x != x
+    if SYMMETRIC:
+        hi = tl.max(tl.where(mask, tl.where(nan, float("inf"), tl.abs(x)), 0.0), axis=AXIS)
+        lo = hi
+    else:
+        hi = tl.max(tl.where(mask, tl.where(nan, float("inf"), x), float("-inf")), axis=AXIS)
+        lo = tl.min(tl.where(mask, tl.where(nan, float("-inf"), x), float("inf")), axis=AXIS)
+    return hi, lo
+
+
+@triton.jit
+def _stats_init(N: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """The identity of :func:`_stats`'s reductions, for N groups."""
+    lo = tl.full([N], float("inf"), tl.float32)
+    if SYMMETRIC:
+        hi = tl.zeros([N], tl.float32)
+    else:
+        hi = tl.full([N], float("-inf"), tl.float32)
+    return hi, lo
+
+
+@triton.jit
+def _scale_zero(hi, lo, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Scale and zero point (as float32) of groups with max ``hi`` and min ``lo`` (reference.py):
+    ``amax / qmax`` for symmetric formats; else ``fp16((max - min) / qmax)`` and ``fp16(min)``.
+    A zero scale becomes 1. The zero point of a symmetric format is unused (returned as the scale)."""
+    if SYMMETRIC:
+        s = tl.div_rn(hi, QMAX)
+        z = s
+    else:
+        s = tl.div_rn(hi - lo, QMAX).to(tl.float16).to(tl.float32)
+        z = lo.to(tl.float16).to(tl.float32)
+    return tl.where(s == 0.0, 1.0, s), z
+
+
+@triton.jit
+def _store_scales(scale_ptr, zero_ptr, offs, mask, s, z, SYMMETRIC: tl.constexpr):
+    tl.store(scale_ptr + offs, s.to(scale_ptr.dtype.element_ty), mask=mask)
+    if not SYMMETRIC:
+        tl.store(zero_ptr + offs, z.to(zero_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _codes(
+    x, s, z, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr
+):
+    """Codes of ``x`` as float32 (integers, or FP8 grid values). Clamping before rounding gives the
+    reference's ``clamp(round(y))`` (the bounds are integers) and keeps |y| small for :func:`_rint`."""
+    if FP8_MANT > 0:
+        y = tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX)
+        q = _fp8_round(y, FP8_MANT, FP8_EMIN)
+    elif SYMMETRIC:
+        q = _rint(tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX))
+    else:
+        q = _rint(tl.minimum(tl.maximum(tl.div_rn(x - z, s), 0.0), QMAX))
+    return q
+
+
+@triton.jit
+def _store_codes(
+    codes_ptr, q, base, limit, row_ok, BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """Store the codes ``q [BLOCK_R, BLOCK_C]`` (float32, zero where there is no element). Tile row
+    ``r`` goes to the bytes ``codes_ptr + base[r] + j`` for ``j < limit``; int4/int2 codes are packed
+    along the columns, the first in the low bits."""
+    PER: tl.constexpr = 8 // BITS
+    j = tl.arange(0, BLOCK_C // PER)
+    ptrs = codes_ptr + base[:, None] + j[None, :]
+    mask = row_ok[:, None] & (j[None, :] < limit)
+    if PER == 1:
+        tl.store(ptrs, q.to(codes_ptr.dtype.element_ty), mask=mask)
+    else:
+        q3 = tl.reshape(q.to(tl.int32), (BLOCK_R, BLOCK_C // PER, PER))
+        shifts = tl.arange(0, PER) * BITS
+        tl.store(ptrs, tl.sum(q3 << shifts[None, None, :], axis=2).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _encode_tile(
+    codes_ptr, x, mask, s, z, base, limit, row_ok,
+    BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
+    FP8_EMIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    q = tl.where(mask, _codes(x, s, z, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN), 0.0)
+    _store_codes(codes_ptr, q, base, limit, row_ok, BITS, BLOCK_R, BLOCK_C)
+
+
+@triton.jit
+def _scale_offsets(rows, d, T, G, sT, sD, CHANNEL: tl.constexpr):
+    """Offsets into ``scale [B, sT, sD]`` of the elements (flat row ``b * T + t``, channel ``d``):
+    ``[b, t // G, d]`` for channel-axis scales, ``[b, t, d // G]`` for token-axis ones."""
+    if CHANNEL:
+        offs = ((rows // T) * sT + (rows % T) // G)[:, None] * sD + d[None, :]
+    else:
+        offs = (rows * sD)[:, None] + (d // G)[None, :]
+    return offs
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit
+def _channel_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr,
+    T, D, DB, G, n_groups, span, splits,
+    BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
+    FP8_EMIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, PARTIAL: tl.constexpr, ENCODE: tl.constexpr,
+):
+    """Channel-axis scales: program ``(i, j)`` with ``i = (b * n_groups + group) * splits + split``
+    reduces tokens ``[split * span, (split + 1) * span)`` of the group (G tokens) over channels
+    ``[j * BLOCK_D, (j + 1) * BLOCK_D)``.
+
+    PARTIAL: stores the raw max (of |x| for symmetric formats) and min as float32 rows ``[i, D]``
+    through ``scale_ptr`` and ``zero_ptr``. Otherwise (``splits == 1``): stores the scales and zero
+    points ``[b, group, :]`` and, with ENCODE, the codes: from the registers when the span fits one
+    tile (ONE_CHUNK), else by a second loop over the tokens, served from cache.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    split = pid % splits
+    bg = pid // splits
+    group_lo = (bg % n_groups) * G
+    t_lo = group_lo + split * span
+    t_hi = tl.minimum(tl.minimum(group_lo + G, T), t_lo + span)
+    row0 = (bg // n_groups) * T
+    col0 = tl.program_id(1) * BLOCK_D
+    d = col0 + tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    t = tl.arange(0, BLOCK_T)
+    if ONE_CHUNK:
+        row_ok = t_lo + t < t_hi
+        rows = row0 + t_lo + t
+        mask = row_ok[:, None] & d_ok[None, :]
+        x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        hi, lo = _stats(x, mask, 0, SYMMETRIC)
+    else:
+        hi, lo = _stats_init(BLOCK_D, SYMMETRIC)
+        for t0 in range(t_lo, t_hi, BLOCK_T):
+            rows = row0 + t0 + t
+            mask = (t0 + t < t_hi)[:, None] & d_ok[None, :]
+            x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            h, low = _stats(x, mask, 0, SYMMETRIC)
+            hi = tl.maximum(hi, h)
+            lo = tl.minimum(lo, low)
+    if PARTIAL:
+        tl.store(scale_ptr + pid * D + d, hi, mask=d_ok)
+        if not SYMMETRIC:
+            tl.store(zero_ptr + pid * D + d, lo, mask=d_ok)
+    else:
+        s, z = _scale_zero(hi, lo, QMAX, SYMMETRIC)
+        _store_scales(scale_ptr, zero_ptr, bg * D + d, d_ok, s, z, SYMMETRIC)
+        if ENCODE:
+            PER: tl.constexpr = 8 // BITS
+            limit = DB - col0 // PER
+            if ONE_CHUNK:
+                _encode_tile(
+                    codes_ptr, x, mask, s[None, :], z[None, :], rows * DB + col0 // PER, limit, row_ok,
+                    BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
+                )
+            else:
+                for t0 in range(t_lo, t_hi, BLOCK_T):
+                    rows = row0 + t0 + t
+                    row_ok = t0 + t < t_hi
+                    mask = row_ok[:, None] & d_ok[None, :]
+                    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                    _encode_tile(
+                        codes_ptr, x, mask, s[None, :], z[None, :], rows * DB + col0 // PER, limit, row_ok,
+                        BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
+                    )
+
+
+@triton.jit
+def _finalize_kernel(
+    hi_ptr, lo_ptr, scale_ptr, zero_ptr, n, D, splits,
+    QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Fold the ``splits`` partial rows of :func:`_channel_kernel` (``[bg * splits + i, D]``) into the
+    scales and zero points ``[bg, D]`` (n = B * sT * D of them). Max and min are exact in any order."""
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < n
+    part = (idx // D) * splits * D + idx % D
+    hi = tl.load(hi_ptr + part, mask=ok, other=0.0)
+    lo = hi
+    if not SYMMETRIC:
+        lo = tl.load(lo_ptr + part, mask=ok, other=0.0)
+    for i in range(1, splits):
+        hi = tl.maximum(hi, tl.load(hi_ptr + part + i * D, mask=ok, other=0.0))
+        if not SYMMETRIC:
+            lo = tl.minimum(lo, tl.load(lo_ptr + part + i * D, mask=ok, other=0.0))
+    s, z = _scale_zero(hi, lo, QMAX, SYMMETRIC)
+    _store_scales(scale_ptr, zero_ptr, idx, ok, s, z, SYMMETRIC)
+
+
+@triton.jit
+def _token_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr,
+    n_pairs, D, DB, G, n_groups,
+    BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
+    FP8_EMIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+    ONE_CHUNK: tl.constexpr, ENCODE: tl.constexpr,
+):
+    """Token-axis scales: tile row ``r`` holds the pair ``p = row * n_groups + group`` (the flat index
+    of its scale), i.e. channels ``[group * G, group * G + G)`` of one token row, BLOCK_G at a time.
+    With ENCODE the codes follow in the same pass (``G`` must be a multiple of ``per_byte``, or the row
+    a single group, so that no byte holds two groups)."""
+    p = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    p_ok = p < n_pairs
+    row = p // n_groups
+    start = (p % n_groups) * G
+    length = tl.minimum(G, D - start)
+    base = row * D + start
+    k = tl.arange(0, BLOCK_G)
+    if ONE_CHUNK:
+        mask = p_ok[:, None] & (k[None, :] < length[:, None])
+        x = tl.load(x_ptr + base[:, None] + k[None, :], mask=mask, other=0.0).to(tl.float32)
+        hi, lo = _stats(x, mask, 1, SYMMETRIC)
+    else:
+        hi, lo = _stats_init(BLOCK_R, SYMMETRIC)
+        for k0 in range(0, G, BLOCK_G):
+            mask = p_ok[:, None] & (k0 + k[None, :] < length[:, None])
+            x = tl.load(x_ptr + base[:, None] + k0 + k[None, :], mask=mask, other=0.0).to(tl.float32)
+            h, low = _stats(x, mask, 1, SYMMETRIC)
+            hi = tl.maximum(hi, h)
+            lo = tl.minimum(lo, low)
+    s, z = _scale_zero(hi, lo, QMAX, SYMMETRIC)
+    _store_scales(scale_ptr, zero_ptr, p, p_ok, s, z, SYMMETRIC)
+    if ENCODE:
+        PER: tl.constexpr = 8 // BITS
+        cbase = row * DB + start // PER
+        if ONE_CHUNK:
+            _encode_tile(
+                codes_ptr, x, mask, s[:, None], z[:, None], cbase, ((length + PER - 1) // PER)[:, None], p_ok,
+                BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_R, BLOCK_G,
+            )
+        else:
+            for k0 in range(0, G, BLOCK_G):
+                mask = p_ok[:, None] & (k0 + k[None, :] < length[:, None])
+                x = tl.load(x_ptr + base[:, None] + k0 + k[None, :], mask=mask, other=0.0).to(tl.float32)
+                limit = ((length - k0 + PER - 1) // PER)[:, None]
+                _encode_tile(
+                    codes_ptr, x, mask, s[:, None], z[:, None], cbase + k0 // PER, limit, p_ok,
+                    BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_R, BLOCK_G,
+                )
+
+
+@triton.jit
+def _encode_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr,
+    n_rows, T, D, DB, G, sT, sD,
+    BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
+    FP8_EMIN: tl.constexpr, CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Codes of the tile (flat rows ``b * T + t``, channels) from the stored scales and zero points,
+    either axis (``reference.encode``)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < n_rows
+    col0 = tl.program_id(1) * BLOCK_D
+    d = col0 + tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (d < D)[None, :]
+    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    offs = _scale_offsets(rows, d, T, G, sT, sD, CHANNEL)
+    s = tl.load(scale_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    z = s
+    if not SYMMETRIC:
+        z = tl.load(zero_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    PER: tl.constexpr = 8 // BITS
+    _encode_tile(
+        codes_ptr, x, mask, s, z, rows * DB + col0 // PER, DB - col0 // PER, row_ok,
+        BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
+    )
+
+
+@triton.jit
+def _dequantize_kernel(
+    codes_ptr, scale_ptr, zero_ptr, out_ptr,
+    n_rows, T, D, DB, G, sT, sD,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, CHANNEL: tl.constexpr, OUT_BF16: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``x_hat = q * scale (+ zero)`` in float32, one rounding to the output dtype at the end
+    (``reference.dequantize``); int4/int2 bytes unpacked low bits first."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < n_rows
+    col0 = tl.program_id(1) * BLOCK_D
+    d = col0 + tl.arange(0, BLOCK_D)
+    mask = row_ok[:, None] & (d < D)[None, :]
+    PER: tl.constexpr = 8 // BITS
+    if PER == 1:
+        q = tl.load(codes_ptr + rows[:, None] * DB + d[None, :], mask=mask).to(tl.float32)
+    else:
+        j = col0 // PER + tl.arange(0, BLOCK_D // PER)
+        byte = tl.load(codes_ptr + rows[:, None] * DB + j[None, :], mask=row_ok[:, None] & (j < DB)[None, :])
+        shifts = tl.arange(0, PER) * BITS
+        q3 = (byte.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        q = tl.reshape(q3, (BLOCK_T, BLOCK_D)).to(tl.float32)
+    offs = _scale_offsets(rows, d, T, G, sT, sD, CHANNEL)
+    y = q * tl.load(scale_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    if not SYMMETRIC:
+        y = y + tl.load(zero_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if OUT_BF16:
+        y = _bf16_round(y)
+    tl.store(out_ptr + rows[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output is allocated here, uninitialised: the kernels write each element."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def _warps(elements: int) -> int:
+    return 8 if elements >= _TILE else 4
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _grid_tiles(rows: int, channels: int) -> Tiles:
+    """Default tiles of the encode and dequantize kernels: up to 512 channels (2 KB of float32) wide."""
+    block_d = min(max(_pow2(channels), 8), 512)
+    block_t = min(_pow2(rows), max(_TILE // block_d, 1))
+    return Tiles(block_t, block_d, num_warps=_warps(block_t * block_d))
+
+
+def _channel_tiles(x: torch.Tensor, group: int, n_groups: int) -> Tiles:
+    """Default tiles of channel-axis scales: one program per group up to ``_ONE_PASS_TOKENS`` tokens;
+    beyond, 1 KB-wide column blocks and enough splits for about 8 programs per SM."""
+    b, _, d = x.shape
+    if group <= _ONE_PASS_TOKENS:
+        block_t = min(_pow2(group), 256)
+        block_d = min(max(_TILE // block_t, 8), max(_pow2(d), 8))
+        return Tiles(block_t, block_d, num_warps=_warps(block_t * block_d))
+    block_d = min(max(_pow2(d), 8), 1024 // x.element_size())
+    block_t = _TILE // block_d
+    programs = b * n_groups * triton.cdiv(d, block_d)
+    splits = max(1, min(triton.cdiv(8 * _num_sms(x.device), programs), triton.cdiv(group, block_t)))
+    return Tiles(block_t, block_d, splits=splits, num_warps=_warps(block_t * block_d))
+
+
+def _token_tiles(n_pairs: int, group: int) -> Tiles:
+    """Default tiles of token-axis scales: whole groups up to ``_TILE`` channels, rows to fill a tile."""
+    block_d = min(max(_pow2(group), 8), _TILE)
+    block_t = min(_pow2(n_pairs), max(_TILE // block_d, 1))
+    return Tiles(block_t, block_d, num_warps=_warps(block_t * block_d))
+
+
+def _meta(scheme: Scheme) -> dict:
+    """The compile-time constants of a format."""
+    mant, emin = _FP8_GRID[scheme.fp8] if scheme.fp8 else (0, 0)
+    return {
+        "BITS": scheme.bits,
+        "QMAX": scheme.qmax,
+        "SYMMETRIC": scheme.symmetric,
+        "FP8_MANT": mant,
+        "FP8_EMIN": emin,
+    }
+
+
+def _check_device(t: torch.Tensor, what: str) -> None:
+    if t.device.type == "cuda" or (t.device.type == "cpu" and triton_interpreted()):
+        return
+    raise ValueError(
+        f"{what} is on {t.device}: the triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on the CPU)"
+    )
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in INPUT_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; the triton kernels take float32, float16 or bfloat16")
+    if x.dim() != 3 or x.numel() == 0:
+        raise ValueError(f"x must be a non-empty [B, T, D] tensor, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError("x must be contiguous (call .contiguous() first)")
+    _check_device(x, "x")
+
+
+def _check_part(
+    t: torch.Tensor | None, what: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> None:
+    """A codes, scale or zero-point tensor must have exactly the layout the kernels index."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape or t.dtype != dtype:
+        raise ValueError(f"{what} must be {dtype} of shape {shape}, got {t.dtype} of shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{what} must be contiguous")
+    if t.device != device:
+        raise ValueError(f"{what} is on {t.device}, the data on {device}")
+
+
+def _check_scales(
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    scheme: Scheme,
+    data_shape: tuple[int, int, int],
+    device: torch.device,
+) -> None:
+    """Scales (and zero points) of data of shape ``[B, T, D]`` in ``scheme``."""
+    b, t, d = data_shape
+    shape = (b, *scheme.scale_shape(t, d))
+    _check_part(scale, "scale", shape, scheme.scale_dtype, device)
+    if not scheme.symmetric:
+        _check_part(zero, f"zero (required by {scheme.name})", shape, scheme.scale_dtype, device)
+
+
+def _launch_channel(
+    x: torch.Tensor, codes: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor | None,
+    scheme: Scheme, tiles: Tiles,
+) -> None:
+    b, t, d = x.shape
+    g, n_groups = scheme.group_size(t, d), scale.shape[1]
+    db = scheme.code_shape(t, d)[1]
+    grid = (b * n_groups * tiles.splits, triton.cdiv(d, tiles.block_d))
+    consts = dict(BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps, **_meta(scheme))
+    if tiles.splits == 1:
+        _channel_kernel[grid](
+            x, scale if codes is None else codes, scale, scale if zero is None else zero,
+            t, d, db, g, n_groups, g, 1,
+            ONE_CHUNK=g <= tiles.block_t, PARTIAL=False, ENCODE=codes is not None, **consts,
+        )
+        return
+    span = triton.cdiv(triton.cdiv(g, tiles.splits), tiles.block_t) * tiles.block_t
+    hi = torch.empty((grid[0], d), dtype=torch.float32, device=x.device)
+    lo = hi if scheme.symmetric else torch.empty_like(hi)
+    _channel_kernel[grid](
+        x, hi, hi, lo, t, d, db, g, n_groups, span, tiles.splits,
+        ONE_CHUNK=span <= tiles.block_t, PARTIAL=True, ENCODE=False, **consts,
+    )
+    n = scale.numel()
+    _finalize_kernel[(triton.cdiv(n, 1024),)](
+        hi, lo, scale, scale if zero is None else zero, n, d, tiles.splits,
+        QMAX=scheme.qmax, SYMMETRIC=scheme.symmetric, BLOCK=1024,
+    )
+    if codes is not None:
+        _launch_encode(x, codes, scale, zero, scheme, tiles)
+
+
+def _launch_token(
+    x: torch.Tensor, codes: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor | None,
+    scheme: Scheme, tiles: Tiles,
+) -> None:
+    b, t, d = x.shape
+    g, n_groups = scheme.group_size(t, d), scale.shape[2]
+    n_pairs = b * t * n_groups
+    straddle = n_groups > 1 and g % scheme.per_byte != 0
+    _token_kernel[(triton.cdiv(n_pairs, tiles.block_t),)](
+        x, scale if codes is None else codes, scale, scale if zero is None else zero,
+        n_pairs, d, scheme.code_shape(t, d)[1], g, n_groups,
+        BLOCK_R=tiles.block_t, BLOCK_G=tiles.block_d, ONE_CHUNK=g <= tiles.block_d,
+        ENCODE=codes is not None and not straddle, num_warps=tiles.num_warps, **_meta(scheme),
+    )
+    if codes is not None and straddle:
+        _launch_encode(x, codes, scale, zero, scheme, _grid_tiles(b * t, d))
+
+
+def _launch_encode(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+    scheme: Scheme, tiles: Tiles,
+) -> None:
+    b, t, d = x.shape
+    _encode_kernel[(triton.cdiv(b * t, tiles.block_t), triton.cdiv(d, tiles.block_d))](
+        x, codes, scale, scale if zero is None else zero,
+        b * t, t, d, codes.shape[2], scheme.group_size(t, d), scale.shape[1], scale.shape[2],
+        CHANNEL=scheme.axis == "channel", BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
+        num_warps=tiles.num_warps, **_meta(scheme),
+    )
+
+
+def _scales_and_codes(
+    x: torch.Tensor, scheme: Scheme, with_codes: bool, tiles: Tiles | None
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    _check_x(x)
+    b, t, d = x.shape
+    shape = (b, *scheme.scale_shape(t, d))
+    scale = _empty(shape, scheme.scale_dtype, x.device)
+    zero = None if scheme.symmetric else _empty(shape, scheme.scale_dtype, x.device)
+    codes = _empty((b, *scheme.code_shape(t, d)), scheme.code_dtype, x.device) if with_codes else None
+    if scheme.axis == "channel":
+        tiles = tiles or _channel_tiles(x, scheme.group_size(t, d), shape[1])
+        _launch_channel(x, codes, scale, zero, scheme, tiles)
+    else:
+        tiles = tiles or _token_tiles(b * t * shape[2], scheme.group_size(t, d))
+        _launch_token(x, codes, scale, zero, scheme, tiles)
+    return codes, scale, zero
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions (the signatures of kvpack.reference)
+
+
+def compute_scales(
+    x: torch.Tensor, scheme: Scheme, tiles: Tiles | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales (and zero points for int4/int2) of ``x [B, T, D]``, shape ``[B, sT, sD]``.
+
+    float32 scales for int8/fp8, float16 scale and zero point for int4/int2; ``zero`` is None for the
+    symmetric formats. ``tiles`` overrides the default tile shape.
+
+    >>> scale, zero = compute_scales(torch.randn(2, 256, 64, device="cuda"), parse("int4-token-g32"))
+    >>> scale.shape, scale.dtype
+    (torch.Size([2, 256, 2]), torch.float16)
+    """
+    _, scale, zero = _scales_and_codes(x, scheme, False, tiles)
+    return scale, zero
+
+
+def encode(
+    x: torch.Tensor,
+    scheme: Scheme,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    tiles: Tiles | None = None,
+) -> torch.Tensor:
+    """Codes of ``x [B, T, D]`` given its scales (``[B, sT, sD]``, as :func:`compute_scales` returns):
+    int8 ``[B, T, D]``, uint8 ``[B, T, ceil(D / per_byte)]`` (int4/int2, first code in the low bits), or
+    float8 ``[B, T, D]``.
+    """
+    _check_x(x)
+    b, t, d = x.shape
+    _check_scales(scale, zero, scheme, (b, t, d), x.device)
+    codes = _empty((b, *scheme.code_shape(t, d)), scheme.code_dtype, x.device)
+    _launch_encode(x, codes, scale, zero, scheme, tiles or _grid_tiles(b * t, d))
+    return codes
+
+
+def quantize(
+    x: torch.Tensor, scheme: Scheme, tiles: Tiles | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize ``x [B, T, D]`` (float32/float16/bfloat16, CUDA): returns ``(codes, scale, zero)``,
+    bit-exact with ``reference.quantize``; ``zero`` is None for the symmetric formats.
+
+    >>> codes, scale, _ = quantize(torch.randn(1, 4096, 128, device="cuda"), parse("int8-channel-g128"))
+    >>> codes.dtype, scale.shape
+    (torch.int8, torch.Size([1, 32, 128]))
+    """
+    codes, scale, zero = _scales_and_codes(x, scheme, True, tiles)
+    return codes, scale, zero
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    scheme: Scheme,
+    channels: int,
+    dtype: torch.dtype,
+    tiles: Tiles | None = None,
+) -> torch.Tensor:
+    """Rebuild ``[B, T, channels]`` in ``dtype`` from codes ``[B, T, ceil(channels / per_byte)]`` and
+    scales ``[B, sT, sD]``: ``q * scale (+ zero)`` in float32, rounded once to ``dtype``.
+
+    >>> x_hat = dequantize(codes, scale, None, parse("int8-channel"), 128, torch.float16)
+    """
+    if dtype not in INPUT_DTYPES:
+        raise TypeError(f"dtype {dtype} is not supported: the kernels write float32, float16 or bfloat16")
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.numel() == 0:
+        raise ValueError("codes must be a non-empty [B, T, ceil(D / per_byte)] tensor")
+    _check_device(codes, "codes")
+    b, t, _ = codes.shape
+    _check_part(codes, "codes", (b, *scheme.code_shape(t, channels)), scheme.code_dtype, codes.device)
+    _check_scales(scale, zero, scheme, (b, t, channels), codes.device)
+    out = _empty((b, t, channels), dtype, codes.device)
+    tiles = tiles or _grid_tiles(b * t, channels)
+    _dequantize_kernel[(triton.cdiv(b * t, tiles.block_t), triton.cdiv(channels, tiles.block_d))](
+        codes, scale, scale if zero is None else zero, out,
+        b * t, t, channels, codes.shape[2], scheme.group_size(t, channels), scale.shape[1], scale.shape[2],
+        BITS=scheme.bits, SYMMETRIC=scheme.symmetric, CHANNEL=scheme.axis == "channel",
+        OUT_BF16=dtype == torch.bfloat16, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
+        num_warps=tiles.num_warps, enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,270 @@
+"""The triton backend against the plain-torch reference: codes and scales bit for bit.
+
+Without a GPU the kernels run on the CPU through Triton's interpreter. Triton picks interpreter or
+compiler when a kernel is decorated, i.e. when ``kvpack.triton.quant`` is imported, so the
+environment variable is set here before that import (and the module is reloaded if an earlier test
+imported it already); the interpreted cases are small, since the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if "kvpack.triton.quant" in sys.modules:
+        importlib.reload(sys.modules["kvpack.triton.quant"])
+
+import kvpack  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
+from kvpack import reference  # noqa: E402
+from kvpack.backends import Backend, why_not  # noqa: E402
+from kvpack.schemes import FP8_DTYPES, parse  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_REASON = why_not(Backend.TRITON, parse("int8-channel"), DEVICE)
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=str(_REASON))
+
+if _REASON is None:
+    from kvpack.triton import quant
+    from kvpack.triton.quant import Tiles
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Every kind of format: both axes, whole-axis and grouped scales (partial last groups included),
+# int4/int2 groups that end inside a byte (g3, g6), both FP8 types.
+FORMATS = (
+    "int8-channel",
+    "int8-token",
+    "int8-channel-g4",
+    "int8-token-g8",
+    "int4-channel",
+    "int4-token",
+    "int4-channel-g5",
+    "int4-token-g6",
+    "int4-token-g3",
+    "int2-channel-g3",
+    "int2-token-g8",
+    "int2-token-g6",
+    "fp8-e4m3",
+    "fp8-e5m2",
+    "fp8-e4m3-channel",
+    "fp8-e5m2-channel-g3",
+)
+SHAPES = ((2, 13, 65), (1, 1, 3), (3, 17, 8))
+_POISON = {torch.int8: -128, torch.uint8: 0xA5}
+
+
+def _poisoned(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An output no kernel result can equal where it is left unwritten: NaN floats and FP8 codes, -128
+    int8 codes (outside [-127, 127]), 0xA5 bytes of packed codes."""
+    if dtype in FP8_DTYPES.values():
+        return torch.full(shape, 0x7F, dtype=torch.uint8, device=device).view(dtype)
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, _POISON[dtype], dtype=dtype, device=device)
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quant, "_empty", _poisoned)
+
+
+def assert_same(got: torch.Tensor | None, want: torch.Tensor | None, what: str) -> None:
+    if want is None:
+        assert got is None, what
+        return
+    assert (got.shape, got.dtype) == (want.shape, want.dtype), f"{what}: {got.dtype} {got.shape}"
+    if got.dtype in FP8_DTYPES.values():
+        got, want = got.view(torch.uint8), want.view(torch.uint8)
+    got, want = got.cpu(), want.cpu()
+    bad = got != want
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.numel()} differ, the first at {first}")
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * 3 + torch.rand(shape[-1], generator=g)
+    return x.to(dtype).to(DEVICE)
+
+
+def check_format(x: torch.Tensor, fmt: str, tiles: Tiles | None = None) -> None:
+    """quantize, compute_scales, encode and dequantize of ``x`` all equal the reference (on the CPU)."""
+    scheme = parse(fmt)
+    xc = x.cpu()
+    codes, scale, zero = reference.quantize(xc, scheme)
+    got = quant.quantize(x, scheme, tiles)
+    for name, g, w in zip(("codes", "scale", "zero"), got, (codes, scale, zero), strict=True):
+        assert_same(g, w, f"quantize {name}")
+    s, z = quant.compute_scales(x, scheme, tiles)
+    assert_same(s, scale, "compute_scales scale")
+    assert_same(z, zero, "compute_scales zero")
+
+    def dev(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(DEVICE)
+
+    assert_same(quant.encode(x, scheme, dev(scale), dev(zero), tiles), codes, "encode")
+    d = x.shape[-1]
+    out = quant.dequantize(dev(codes), dev(scale), dev(zero), scheme, d, x.dtype, tiles)
+    assert_same(out, reference.dequantize(codes, scale, zero, scheme, d, x.dtype), "dequantize")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matches_reference(fmt: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    check_format(_random(shape, dtype, seed=len(fmt) + shape[2]), fmt)
+
+
+# Small tiles that force each launch path on small inputs: channel-axis groups reduced in several
+# chunks (with the encode re-reading them) or split over programs (partials + finalize + encode);
+# token-axis groups wider than a tile.
+@pytest.mark.parametrize(
+    ("fmt", "tiles", "dtype"),
+    [
+        ("int8-channel", Tiles(4, 16), torch.float32),
+        ("int8-channel", Tiles(4, 16, splits=3), torch.bfloat16),
+        ("int4-channel", Tiles(8, 8, splits=5), torch.float16),
+        ("fp8-e4m3-channel", Tiles(8, 16, splits=2), torch.float32),
+        ("int4-channel-g9", Tiles(4, 16, splits=2), torch.bfloat16),
+        ("int2-channel-g7", Tiles(4, 16), torch.float32),
+        ("int8-token", Tiles(4, 16), torch.float16),
+        ("int4-token", Tiles(4, 16), torch.float32),
+        ("int2-token-g12", Tiles(4, 8), torch.bfloat16),
+        ("fp8-e5m2", Tiles(4, 16), torch.float32),
+    ]
+    if _REASON is None
+    else [],
+    ids=str,
+)
+def test_launch_paths(fmt: str, tiles: Tiles, dtype: torch.dtype) -> None:
+    check_format(_random((2, 19, 37), dtype, seed=7), fmt, tiles)
+
+
+@pytest.mark.parametrize("fp8", ("e4m3", "e5m2"))
+def test_fp8_rounding_ties_and_subnormals(fp8: str) -> None:
+    """Every FP8 value, the midpoints between neighbours (ties to even), one float32 ulp either side of
+    each midpoint, values past the max (saturated), tiny ones and signed zeros, at scale 1."""
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPES[fp8]).float()
+    grid = grid[torch.isfinite(grid)].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    inf = torch.tensor(float("inf"))
+    extra = torch.tensor([-0.0, 0.0, 1e-30, -1e-30, 1e6, -1e6, grid.max().item() * 1.06])
+    x = torch.cat([grid, mids, mids.nextafter(inf), mids.nextafter(-inf), extra]).reshape(1, 1, -1)
+    scheme = parse(f"fp8-{fp8}")
+    scale = torch.ones(1, 1, 1)
+    want = reference.encode(x, scheme, scale, None)
+    assert_same(quant.encode(x.to(DEVICE), scheme, scale.to(DEVICE), None), want, "fp8 codes")
+
+
+@pytest.mark.parametrize("fmt", ("int8-token", "int4-token", "int2-token"))
+def test_integer_rounding_ties_and_clamping(fmt: str) -> None:
+    """Halves round to even, on both sides of zero; values beyond the range clamp."""
+    scheme = parse(fmt)
+    x = (torch.arange(-300, 301, dtype=torch.float32) / 2).reshape(1, 1, -1)
+    scale = torch.ones(1, 1, 1, dtype=scheme.scale_dtype)
+    zero = None if scheme.symmetric else torch.full((1, 1, 1), -1.0, dtype=scheme.scale_dtype)
+    want = reference.encode(x, scheme, scale, zero)
+    dev = None if zero is None else zero.to(DEVICE)
+    assert_same(quant.encode(x.to(DEVICE), scheme, scale.to(DEVICE), dev), want, "codes")
+
+
+@pytest.mark.parametrize("fmt", ("int8-channel-g4", "int4-channel-g4", "int2-token-g4", "fp8-e4m3-token-g4"))
+def test_zero_and_constant_groups(fmt: str) -> None:
+    """All-zero and constant groups get scale 1 and dequantize exactly; mixed with ordinary groups."""
+    x = _random((2, 8, 16), torch.float32, seed=3)
+    x[0, :4] = 0.0
+    x[0, 4:, :] = -2.5
+    x[1, :, :4] = 1.25
+    check_format(x, fmt)
+
+
+@pytest.mark.parametrize("fmt", ("int8-channel", "int8-channel-g4", "int4-token", "fp8-e5m2", "int2-channel"))
+@pytest.mark.parametrize("bad", (float("nan"), float("inf"), -float("inf")))
+def test_nan_and_inf_raise(fmt: str, bad: float) -> None:
+    x = _random((2, 9, 24), torch.float16, seed=5)
+    x[1, 4, 7] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        kvpack.quantize(x, fmt, backend="triton")
+
+
+def test_public_api_matches_torch_backend() -> None:
+    """kvpack.quantize / dequantize with backend="triton" on a 4-D tensor: leading axes flattened."""
+    x = _random((2, 3, 20, 24), torch.bfloat16, seed=11)
+    for fmt in ("int8-channel", "int4-token-g8", "fp8-e4m3"):
+        q = kvpack.quantize(x, fmt, backend="triton")
+        want = kvpack.quantize(x.cpu(), fmt, backend="torch")
+        assert_same(q.codes, want.codes, "codes")
+        assert_same(q.scale, want.scale, "scale")
+        assert_same(q.zero, want.zero, "zero")
+        assert_same(kvpack.dequantize(q, backend="triton"), kvpack.dequantize(want, backend="torch"), "x_hat")
+
+
+def test_bad_input_is_refused() -> None:
+    scheme = parse("int4-token-g8")
+    x = _random((2, 8, 16), torch.float32, seed=1)
+    scale, zero = quant.compute_scales(x, scheme)
+    with pytest.raises(TypeError, match="dtype"):
+        quant.quantize(x.to(torch.int32), scheme)
+    with pytest.raises(ValueError, match="contiguous"):
+        quant.quantize(x.transpose(1, 2), scheme)
+    with pytest.raises(ValueError, match=r"\[B, T, D\]"):
+        quant.quantize(x[0], scheme)
+    with pytest.raises(ValueError, match="shape"):
+        quant.encode(x, scheme, scale[:, :4], zero)
+    with pytest.raises(ValueError, match="float16"):
+        quant.encode(x, scheme, scale.float(), zero)
+    with pytest.raises(TypeError, match="zero"):
+        quant.encode(x, scheme, scale, None)
+    codes = quant.encode(x, scheme, scale, zero)
+    with pytest.raises(ValueError, match="codes"):
+        quant.dequantize(codes, scale, zero, scheme, 24, torch.float32)
+    with pytest.raises(TypeError, match="dtype"):
+        quant.dequantize(codes, scale, zero, scheme, 16, torch.int8)
+    with pytest.raises(ValueError, match="power of two"):
+        Tiles(3, 8)
+
+
+# ---- GPU: full sizes ----------------------------------------------------------------------------
+
+GPU_SHAPES = ((8, 4096, 128), (1, 16384, 1024), (3, 1000, 200), (64, 1, 128))
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", (*kvpack.PRESETS, "int8-channel-g128", "int4-token-g6", "fp8-e5m2-channel"))
+def test_gpu_matches_reference(fmt: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    check_format(_random(shape, dtype, seed=shape[1]), fmt)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_more_than_2_31_elements() -> None:
+    """262144 x 8192 float16 (2^31 elements): scales against an exact float64 division, the codes of
+    the first and last rows against the reference, and the dequantized last rows."""
+    t, d = 262144, 8192
+    x = torch.empty(1, t, d, dtype=torch.float16, device="cuda")
+    for i in range(0, t, 16384):  # fill in slices, to keep the temporary small
+        x[0, i : i + 16384] = torch.randn(16384, d, device="cuda", dtype=torch.float16)
+    x[0, -1, 5] = 1000.0  # the max of channel 5 sits in the very last row
+    scheme = parse("int8-channel")
+    codes, scale, _ = quant.quantize(x, scheme)
+    amax = torch.stack([x[0, i : i + 16384].abs().amax(0) for i in range(0, t, 16384)]).amax(0).float()
+    want_scale = torch.where(amax == 0, 1.0, (amax.double() / 127).float())
+    assert_same(scale[0, 0], want_scale, "scale")
+    for rows in (slice(0, 64), slice(t - 64, t)):
+        xs = x[:, rows].cpu()
+        assert_same(codes[:, rows], reference.encode(xs, scheme, scale.cpu(), None), f"codes rows {rows}")
+        back = quant.dequantize(codes[:, rows].contiguous(), scale, None, scheme, d, torch.float16)
+        want = reference.dequantize(codes[:, rows].cpu(), scale.cpu(), None, scheme, d, torch.float16)
+        assert_same(back, want, f"dequantize rows {rows}")
+    assert codes[0, -1, 5].item() == 127
