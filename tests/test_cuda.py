@@ -526,12 +526,18 @@ def test_emulated_vectorized_handles_any_alignment(emu, dtype):
 @requires_gxx
 @pytest.mark.parametrize("variant", kc.VARIANTS)
 def test_emulated_grid_stride_loops(emu, variant):
-    """A grid of one block row and one batch block still converts every token of every batch entry."""
-    x = random_input((3, 37, 20), torch.float16, seed=11)
-    scale, codes, out = expected(x)
-    (gx, _, _), _ = geometry(variant, x)
-    assert torch.equal(emu.encode(variant, x, scale, grid=(gx, 1, 1)), codes)
-    assert torch.equal(emu.decode(variant, codes, scale, torch.float16, grid=(gx, 1, 1)), out)
+    """A grid of one block row and one batch block still converts every token of every batch entry
+    (for the vectorized kernels: two tokens per step, and a last odd one)."""
+    for shape, dtype in [
+        ((3, 37, 20), torch.float16),
+        ((3, 37, 64), torch.float16),
+        ((3, 37, 64), torch.float32),
+    ]:
+        x = random_input(shape, dtype, seed=11)
+        scale, codes, out = expected(x)
+        (gx, _, _), _ = geometry(variant, x)
+        assert torch.equal(emu.encode(variant, x, scale, grid=(gx, 1, 1)), codes), shape
+        assert torch.equal(emu.decode(variant, codes, scale, dtype, grid=(gx, 1, 1)), out), shape
 
 
 # ---------------------------------------------------------------------------------------------

@@ -103,39 +103,140 @@ __device__ __forceinline__ float int8_scale(float amax) {
     return __float_as_uint(s) == 0u ? 1.0f : s;
 }
 
-// The extern "C" kernels for each input dtype: NAME_f32, NAME_f16, NAME_bf16, each calling the
-// template NAME<type>. Plain C names keep the launcher free of C++ name mangling.
-#define KVPACK_QUANTIZE_KERNELS(NAME)                                                           \
-    extern "C" __global__ void NAME##_f32(const float* __restrict__ x, const float* __restrict__ scale, \
-                                          signed char* __restrict__ codes, i64 B, i64 T, i64 D) {     \
-        NAME<f32_t>(x, scale, codes, B, T, D);                                                        \
-    }                                                                                                 \
-    extern "C" __global__ void NAME##_f16(const unsigned short* __restrict__ x,                       \
-                                          const float* __restrict__ scale,                            \
-                                          signed char* __restrict__ codes, i64 B, i64 T, i64 D) {     \
-        NAME<f16_t>(x, scale, codes, B, T, D);                                                        \
-    }                                                                                                 \
-    extern "C" __global__ void NAME##_bf16(const unsigned short* __restrict__ x,                      \
-                                           const float* __restrict__ scale,                           \
-                                           signed char* __restrict__ codes, i64 B, i64 T, i64 D) {    \
-        NAME<bf16_t>(x, scale, codes, B, T, D);                                                       \
+// 16 bytes of elements (N = 4 floats, or 8 float16/bfloat16) as floats, and back.
+template <class TT>
+__device__ __forceinline__ void load16(const float* p, float (&v)[4]) {
+    const float4 a = *reinterpret_cast<const float4*>(p);
+    v[0] = a.x;
+    v[1] = a.y;
+    v[2] = a.z;
+    v[3] = a.w;
+}
+
+template <class TT>
+__device__ __forceinline__ void load16(const unsigned short* p, float (&v)[8]) {
+    const uint4 a = *reinterpret_cast<const uint4*>(p);
+    const unsigned w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        v[2 * k] = TT::to_float((unsigned short)(w[k] & 0xffffu));
+        v[2 * k + 1] = TT::to_float((unsigned short)(w[k] >> 16));
+    }
+}
+
+template <class TT>
+__device__ __forceinline__ void store16(float* p, const float (&v)[4]) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+template <class TT>
+__device__ __forceinline__ void store16(unsigned short* p, const float (&v)[8]) {
+    unsigned w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        w[k] = (unsigned)TT::from_float(v[2 * k]) | ((unsigned)TT::from_float(v[2 * k + 1]) << 16);
+    }
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Four int8 codes in one 32-bit word, the first in the low byte (a char4 in memory): N codes are
+// one word (N = 4) or two (N = 8), read and written whole.
+__device__ __forceinline__ unsigned pack4(const int* q) {
+    return (unsigned)(q[0] & 0xff) | ((unsigned)(q[1] & 0xff) << 8) | ((unsigned)(q[2] & 0xff) << 16) |
+           ((unsigned)q[3] << 24);
+}
+
+__device__ __forceinline__ void unpack4(unsigned w, float* v) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = (float)(signed char)(w >> (8 * k));
+}
+
+__device__ __forceinline__ void store_codes(signed char* p, const int (&q)[4]) {
+    *reinterpret_cast<unsigned*>(p) = pack4(q);
+}
+
+__device__ __forceinline__ void store_codes(signed char* p, const int (&q)[8]) {
+    *reinterpret_cast<uint2*>(p) = make_uint2(pack4(q), pack4(q + 4));
+}
+
+__device__ __forceinline__ void load_codes(const signed char* p, float (&v)[4]) {
+    unpack4(*reinterpret_cast<const unsigned*>(p), v);
+}
+
+__device__ __forceinline__ void load_codes(const signed char* p, float (&v)[8]) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    unpack4(w.x, v);
+    unpack4(w.y, v + 4);
+}
+
+// The two directions as element operations, so that each variant writes its walk over [B, T, D]
+// once. An operation reads element i of its source as a float (load), and writes element i of its
+// destination from that float and the channel's scale (store); `vec_load` / `vec_store` do the
+// same for the N = 16 / sizeof(wide element) elements from i on, which must be aligned. "Wide" is
+// the float32/16/bf16 side, "narrow" the int8 side.
+template <class TT>
+struct quantize_op {
+    typedef typename TT::raw raw;
+    enum { N = 16 / sizeof(raw) };
+    const raw* __restrict__ x;
+    signed char* __restrict__ codes;
+
+    __device__ __forceinline__ float load(i64 i) const { return TT::to_float(x[i]); }
+    __device__ __forceinline__ void store(i64 i, float v, float s) const { codes[i] = (signed char)int8_code(v, s); }
+    __device__ __forceinline__ void vec_load(i64 i, float (&v)[N]) const { load16<TT>(x + i, v); }
+    __device__ __forceinline__ void vec_store(i64 i, const float (&v)[N], const float (&s)[N]) const {
+        int q[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) q[k] = int8_code(v[k], s[k]);
+        store_codes(codes + i, q);
+    }
+    __device__ __forceinline__ const void* wide() const { return x; }
+    __device__ __forceinline__ const void* narrow() const { return codes; }
+};
+
+template <class TT>
+struct dequantize_op {
+    typedef typename TT::raw raw;
+    enum { N = 16 / sizeof(raw) };
+    const signed char* __restrict__ codes;
+    raw* __restrict__ out;
+
+    __device__ __forceinline__ float load(i64 i) const { return (float)codes[i]; }
+    __device__ __forceinline__ void store(i64 i, float v, float s) const { out[i] = TT::from_float(mul_rn(v, s)); }
+    __device__ __forceinline__ void vec_load(i64 i, float (&v)[N]) const { load_codes(codes + i, v); }
+    __device__ __forceinline__ void vec_store(i64 i, const float (&v)[N], const float (&s)[N]) const {
+        float w[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) w[k] = mul_rn(v[k], s[k]);
+        store16<TT>(out + i, w);
+    }
+    __device__ __forceinline__ const void* wide() const { return out; }
+    __device__ __forceinline__ const void* narrow() const { return codes; }
+};
+
+// The six extern "C" kernels of a variant, whose walk is the template VARIANT_walk(op, scale, B,
+// T, D): quantize_VARIANT_{f32,f16,bf16}(x, scale, codes, B, T, D) and
+// dequantize_VARIANT_{f32,f16,bf16}(codes, scale, out, B, T, D), the dtype being the wide side's.
+// Plain C names keep the launcher free of C++ name mangling.
+#define KVPACK_KERNEL_PAIR(VARIANT, TAG, TT)                                                             \
+    extern "C" __global__ void quantize_##VARIANT##_##TAG(const TT::raw* __restrict__ x,                  \
+                                                          const float* __restrict__ scale,               \
+                                                          signed char* __restrict__ codes, i64 B, i64 T, \
+                                                          i64 D) {                                       \
+        const quantize_op<TT> op = {x, codes};                                                           \
+        VARIANT##_walk(op, scale, B, T, D);                                                              \
+    }                                                                                                    \
+    extern "C" __global__ void dequantize_##VARIANT##_##TAG(const signed char* __restrict__ codes,        \
+                                                            const float* __restrict__ scale,             \
+                                                            TT::raw* __restrict__ out, i64 B, i64 T,     \
+                                                            i64 D) {                                     \
+        const dequantize_op<TT> op = {codes, out};                                                       \
+        VARIANT##_walk(op, scale, B, T, D);                                                              \
     }
 
-#define KVPACK_DEQUANTIZE_KERNELS(NAME)                                                         \
-    extern "C" __global__ void NAME##_f32(const signed char* __restrict__ codes,                      \
-                                          const float* __restrict__ scale, float* __restrict__ out,   \
-                                          i64 B, i64 T, i64 D) {                                      \
-        NAME<f32_t>(codes, scale, out, B, T, D);                                                      \
-    }                                                                                                 \
-    extern "C" __global__ void NAME##_f16(const signed char* __restrict__ codes,                      \
-                                          const float* __restrict__ scale,                            \
-                                          unsigned short* __restrict__ out, i64 B, i64 T, i64 D) {    \
-        NAME<f16_t>(codes, scale, out, B, T, D);                                                      \
-    }                                                                                                 \
-    extern "C" __global__ void NAME##_bf16(const signed char* __restrict__ codes,                     \
-                                           const float* __restrict__ scale,                           \
-                                           unsigned short* __restrict__ out, i64 B, i64 T, i64 D) {   \
-        NAME<bf16_t>(codes, scale, out, B, T, D);                                                     \
-    }
+#define KVPACK_KERNELS(VARIANT)                \
+    KVPACK_KERNEL_PAIR(VARIANT, f32, f32_t)   \
+    KVPACK_KERNEL_PAIR(VARIANT, f16, f16_t)   \
+    KVPACK_KERNEL_PAIR(VARIANT, bf16, bf16_t)
 
 #endif  // KVPACK_COMMON_CUH

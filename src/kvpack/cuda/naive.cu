@@ -2,39 +2,22 @@
 //
 // quantize:   codes[b, t, d] = clamp(round_half_even(x[b, t, d] / scale[b, d]), -127, 127)
 // dequantize: out[b, t, d]   = codes[b, t, d] * scale[b, d]
-// (kvpack.reference.encode / dequantize for int8-channel). The grid is (D / 16, T / 16, B); the
-// token and batch axes loop with a grid stride so that any size fits the grid limits, and every
-// index is 64-bit.
+// (kvpack.reference.encode / dequantize for int8-channel; common.cuh has the two operations). The
+// grid is (D / 16, T / 16, B); the token and batch axes loop with a grid stride so that any size
+// fits the grid limits, and every index is 64-bit.
 
 #include "common.cuh"
 
-template <class TT>
-__device__ __forceinline__ void quantize_naive(const typename TT::raw* __restrict__ x,
-                                               const float* __restrict__ scale,
-                                               signed char* __restrict__ codes, i64 B, i64 T, i64 D) {
+template <class Op>
+__device__ __forceinline__ void naive_walk(const Op& op, const float* __restrict__ scale, i64 B, i64 T, i64 D) {
     const i64 d = (i64)blockIdx.x * blockDim.x + threadIdx.x;
     if (d >= D) return;
     for (i64 b = blockIdx.z; b < B; b += gridDim.z) {
         for (i64 t = (i64)blockIdx.y * blockDim.y + threadIdx.y; t < T; t += (i64)gridDim.y * blockDim.y) {
             const i64 i = (b * T + t) * D + d;
-            codes[i] = (signed char)int8_code(TT::to_float(x[i]), scale[b * D + d]);
+            op.store(i, op.load(i), scale[b * D + d]);
         }
     }
 }
 
-template <class TT>
-__device__ __forceinline__ void dequantize_naive(const signed char* __restrict__ codes,
-                                                 const float* __restrict__ scale,
-                                                 typename TT::raw* __restrict__ out, i64 B, i64 T, i64 D) {
-    const i64 d = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (d >= D) return;
-    for (i64 b = blockIdx.z; b < B; b += gridDim.z) {
-        for (i64 t = (i64)blockIdx.y * blockDim.y + threadIdx.y; t < T; t += (i64)gridDim.y * blockDim.y) {
-            const i64 i = (b * T + t) * D + d;
-            out[i] = TT::from_float(mul_rn((float)codes[i], scale[b * D + d]));
-        }
-    }
-}
-
-KVPACK_QUANTIZE_KERNELS(quantize_naive)
-KVPACK_DEQUANTIZE_KERNELS(dequantize_naive)
+KVPACK_KERNELS(naive)
