@@ -123,8 +123,9 @@ def test_matches_reference(fmt: str, dtype: torch.dtype, shape: tuple[int, ...])
 
 
 # Small tiles that force each launch path on small inputs: channel-axis groups reduced in several
-# chunks (with the encode re-reading them) or split over programs (partials + finalize + encode);
-# token-axis groups wider than a tile.
+# chunks (with the encode re-reading them), split over programs (partials + finalize + encode) or
+# pipelined (the interpreter runs programs one by one, in ticket order: this checks the task
+# schedule, not the waiting); token-axis groups wider than a tile.
 @pytest.mark.parametrize(
     ("fmt", "tiles", "dtype"),
     [
@@ -134,6 +135,9 @@ def test_matches_reference(fmt: str, dtype: torch.dtype, shape: tuple[int, ...])
         ("fp8-e4m3-channel", Tiles(8, 16, splits=2), torch.float32),
         ("int4-channel-g9", Tiles(4, 16, splits=2), torch.bfloat16),
         ("int2-channel-g7", Tiles(4, 16), torch.float32),
+        ("int8-channel", Tiles(8, 16, pipelined=True), torch.float16),
+        ("int4-channel", Tiles(4, 16, pipelined=True), torch.bfloat16),
+        ("fp8-e5m2-channel-g9", Tiles(4, 8, pipelined=True), torch.float32),
         ("int8-token", Tiles(4, 16), torch.float16),
         ("int4-token", Tiles(4, 16), torch.float32),
         ("int2-token-g12", Tiles(4, 8), torch.bfloat16),
@@ -243,6 +247,28 @@ GPU_SHAPES = ((8, 4096, 128), (1, 16384, 1024), (3, 1000, 200), (64, 1, 128))
 @pytest.mark.parametrize("fmt", (*kvpack.PRESETS, "int8-channel-g128", "int4-token-g6", "fp8-e5m2-channel"))
 def test_gpu_matches_reference(fmt: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     check_format(_random(shape, dtype, seed=shape[1]), fmt)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("fmt", "shape", "tiles"),
+    [
+        ("int8-channel", (2, 32768, 512), None),  # 128 MB of float32: pipelined by default
+        ("int4-channel", (1, 65536, 1000), None),
+        ("int8-channel", (3, 7000, 300), Tiles(32, 32, pipelined=True)),
+        ("int2-channel-g3000", (2, 7000, 300), Tiles(64, 16, pipelined=True, num_warps=8)),
+        ("fp8-e4m3-channel", (3, 7000, 300), Tiles(16, 128, splits=7)),
+        ("int8-channel-g2000", (2, 7000, 300), Tiles(64, 64)),
+        ("int8-token", (2, 300, 20000), None),  # rows wider than a tile: two loops
+    ]
+    if _REASON is None
+    else [],
+    ids=str,
+)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_launch_paths(fmt: str, shape: tuple[int, ...], tiles: Tiles | None, dtype: torch.dtype) -> None:
+    check_format(_random(shape, dtype, seed=shape[2]), fmt, tiles)
 
 
 @requires_cuda

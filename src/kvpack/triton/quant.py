@@ -9,10 +9,12 @@ How each format is computed:
   or a short sequence): ``_channel_kernel``, one program per (group, block of channels), reduces and
   encodes in one pass over ``x``; a group that fits one tile is encoded from registers, a larger one
   from the L1/L2 copy the reduction just brought in.
-- channel-axis scales over more tokens (``int8-channel`` on a long sequence): the reduction of each
-  group is split over ``splits`` programs that write partial max/min rows, ``_finalize_kernel``
-  folds them into scales, and ``_encode_kernel`` reads ``x`` again. Nothing can be encoded before its
-  channel's last token is seen, and ``x`` outgrows L2, so two reads of ``x`` are the floor here.
+- channel-axis scales over more tokens (``int8-channel`` on a long sequence): nothing can be encoded
+  before its channel's last token is seen. Quantizing more than L2 holds on a GPU,
+  ``_channel_pipeline_kernel`` reduces a slab of a few channels over all tokens, then encodes it
+  while it is still in L2 and the next slab streams in: ``x`` comes from DRAM once. Otherwise the
+  reduction of each group is split over ``splits`` programs that write partial max/min rows,
+  ``_finalize_kernel`` folds them into scales, and ``_encode_kernel`` reads ``x`` again.
 - token-axis scales (reduced over channels): ``_token_kernel``, one tile row per (token, group) pair,
   one pass. When int4/int2 groups end inside a byte (a group size that ``per_byte`` does not divide),
   ``_encode_kernel`` writes the codes from the stored scales instead.
@@ -27,6 +29,7 @@ nearest even in float32 before their cast for the same reason. A NaN counts as a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +45,8 @@ _FP8_GRID = {"e4m3": (3, -6), "e5m2": (2, -14)}
 _TILE = 8192
 #: Channel-axis groups of up to this many tokens are reduced and encoded by one program.
 _ONE_PASS_TOKENS = 1024
+#: Inputs larger than this (beyond L2) are quantized per channel by the pipelined kernel by default.
+_PIPELINE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -56,20 +61,24 @@ class Tiles:
             they write partial results that a second kernel folds, and the codes need a second
             read of ``x``.
         num_warps: warps per program.
+        pipelined: channel-axis quantize only: one launch that reduces a slab of ``block_d``
+            channels and encodes it from L2 while the next slab streams in (see
+            ``_channel_pipeline_kernel``), instead of ``splits``.
     """
 
     block_t: int
     block_d: int
     splits: int = 1
     num_warps: int = 4
+    pipelined: bool = False
 
     def __post_init__(self) -> None:
         for name, low in (("block_t", 1), ("block_d", 8)):
             v = getattr(self, name)
             if v < low or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= {low}, got {v}")
-        if self.splits < 1:
-            raise ValueError(f"splits must be >= 1, got {self.splits}")
+        if self.splits < 1 or (self.pipelined and self.splits != 1):
+            raise ValueError(f"splits must be >= 1 (and 1 when pipelined), got {self.splits}")
         if self.num_warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"num_warps must be a power of two up to 32, got {self.num_warps}")
 
@@ -309,6 +318,66 @@ def _finalize_kernel(
 
 
 @triton.jit
+def _channel_pipeline_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr, hi_ptr, lo_ptr, count_ptr,
+    T, D, DB, G, n_groups, n_dblocks, n_slabs, chunks,
+    BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
+    FP8_EMIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Channel-axis quantize of long groups in one launch, re-reading ``x`` from L2 rather than DRAM.
+
+    A slab is one group (G tokens) of one batch row times BLOCK_D channels, ``chunks`` tiles of
+    BLOCK_T tokens; slab ``i`` is ``(b * n_groups + group) * n_dblocks + channel block``. Each
+    program draws a ticket (the order programs start in) and takes the ``ticket``-th task: step
+    ``k`` interleaves the reduce tasks of slab ``k`` (max into ``hi``/``lo [n_slabs, BLOCK_D]``, then
+    one count in ``count_ptr[1 + slab]``) with the encode tasks of slab ``k - 1``, which wait for
+    their slab's count to reach ``chunks``, then quantize their tile while it is still in L2 (one
+    slab, ``G * BLOCK_D`` elements, sized to fit there beside the next). A task waits only for
+    tasks with smaller tickets, which have started and never wait, so this cannot deadlock whatever
+    the number of programs resident.
+    """
+    ticket = tl.atomic_add(count_ptr, 1).to(tl.int64)
+    chunk = (ticket % (2 * chunks)) // 2
+    is_encode = ticket % 2
+    slab = ticket // (2 * chunks) - is_encode
+    if (slab >= 0) & (slab < n_slabs):
+        bg = slab // n_dblocks
+        col0 = (slab % n_dblocks) * BLOCK_D
+        group_lo = (bg % n_groups) * G
+        t = group_lo + chunk * BLOCK_T + tl.arange(0, BLOCK_T)
+        rows = (bg // n_groups) * T + t
+        row_ok = t < tl.minimum(group_lo + G, T)
+        d = col0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        mask = row_ok[:, None] & d_ok[None, :]
+        j = slab * BLOCK_D + tl.arange(0, BLOCK_D)
+        if is_encode == 0:
+            x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            hi, lo = _stats(x, mask, 0, SYMMETRIC)
+            tl.atomic_max(hi_ptr + j, hi, sem="relaxed")
+            if not SYMMETRIC:
+                tl.atomic_min(lo_ptr + j, lo, sem="relaxed")
+            tl.debug_barrier()  # every thread's max is in before the count says so
+            tl.atomic_add(count_ptr + 1 + slab, 1, sem="release")
+        else:
+            done = tl.atomic_add(count_ptr + 1 + slab, 0, sem="acquire")
+            while done < chunks:
+                done = tl.atomic_add(count_ptr + 1 + slab, 0, sem="acquire")
+            hi = tl.load(hi_ptr + j, cache_modifier=".cg")
+            lo = hi
+            if not SYMMETRIC:
+                lo = tl.load(lo_ptr + j, cache_modifier=".cg")
+            s, z = _scale_zero(hi, lo, QMAX, SYMMETRIC)
+            _store_scales(scale_ptr, zero_ptr, bg * D + d, d_ok & (chunk == 0), s, z, SYMMETRIC)
+            x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+            PER: tl.constexpr = 8 // BITS
+            _encode_tile(
+                codes_ptr, x, mask, s[None, :], z[None, :], rows * DB + col0 // PER, DB - col0 // PER, row_ok,
+                BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
+            )
+
+
+@triton.jit
 def _token_kernel(
     x_ptr, codes_ptr, scale_ptr, zero_ptr,
     n_pairs, D, DB, G, n_groups,
@@ -449,14 +518,18 @@ def _grid_tiles(rows: int, channels: int) -> Tiles:
     return Tiles(block_t, block_d, num_warps=_warps(block_t * block_d))
 
 
-def _channel_tiles(x: torch.Tensor, group: int, n_groups: int) -> Tiles:
-    """Default tiles of channel-axis scales: one program per group up to ``_ONE_PASS_TOKENS`` tokens;
-    beyond, 1 KB-wide column blocks and enough splits for about 8 programs per SM."""
+def _channel_tiles(x: torch.Tensor, group: int, n_groups: int, with_codes: bool) -> Tiles:
+    """Default tiles of channel-axis scales: one program per group up to ``_ONE_PASS_TOKENS`` tokens.
+    Beyond, a quantize of more than ``_PIPELINE_BYTES`` on a GPU is pipelined through L2 in slabs of
+    128-byte rows; the rest is split, in 1 KB-wide column blocks, over about 8 programs per SM."""
     b, _, d = x.shape
     if group <= _ONE_PASS_TOKENS:
         block_t = min(_pow2(group), 256)
         block_d = min(max(_TILE // block_t, 8), max(_pow2(d), 8))
         return Tiles(block_t, block_d, num_warps=_warps(block_t * block_d))
+    if with_codes and x.is_cuda and x.numel() * x.element_size() > _PIPELINE_BYTES:
+        block_d = min(max(_pow2(d), 8), 128 // x.element_size())
+        return Tiles(_TILE // block_d, block_d, num_warps=8, pipelined=True)
     block_d = min(max(_pow2(d), 8), 1024 // x.element_size())
     block_t = _TILE // block_d
     programs = b * n_groups * triton.cdiv(d, block_d)
@@ -539,8 +612,19 @@ def _launch_channel(
     b, t, d = x.shape
     g, n_groups = scheme.group_size(t, d), scale.shape[1]
     db = scheme.code_shape(t, d)[1]
-    grid = (b * n_groups * tiles.splits, triton.cdiv(d, tiles.block_d))
+    n_dblocks = triton.cdiv(d, tiles.block_d)
     consts = dict(BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps, **_meta(scheme))
+    if tiles.pipelined and codes is not None:
+        n_slabs, chunks = b * n_groups * n_dblocks, triton.cdiv(g, tiles.block_t)
+        hi = torch.full((n_slabs, tiles.block_d), 0.0 if scheme.symmetric else -math.inf, device=x.device)
+        lo = hi if scheme.symmetric else torch.full_like(hi, math.inf)
+        count = torch.zeros(1 + n_slabs, dtype=torch.int32, device=x.device)
+        _channel_pipeline_kernel[((n_slabs + 1) * 2 * chunks,)](
+            x, codes, scale, scale if zero is None else zero, hi, lo, count,
+            t, d, db, g, n_groups, n_dblocks, n_slabs, chunks, **consts,
+        )
+        return
+    grid = (b * n_groups * tiles.splits, n_dblocks)
     if tiles.splits == 1:
         _channel_kernel[grid](
             x, scale if codes is None else codes, scale, scale if zero is None else zero,
@@ -605,7 +689,7 @@ def _scales_and_codes(
     zero = None if scheme.symmetric else _empty(shape, scheme.scale_dtype, x.device)
     codes = _empty((b, *scheme.code_shape(t, d)), scheme.code_dtype, x.device) if with_codes else None
     if scheme.axis == "channel":
-        tiles = tiles or _channel_tiles(x, scheme.group_size(t, d), shape[1])
+        tiles = tiles or _channel_tiles(x, scheme.group_size(t, d), shape[1], with_codes)
         _launch_channel(x, codes, scale, zero, scheme, tiles)
     else:
         tiles = tiles or _token_tiles(b * t * shape[2], scheme.group_size(t, d))
