@@ -319,25 +319,21 @@ class QuantizedLayer:
         if self.window_keys is None:
             self._allocate(keys, values, n)
         old = self.num_window
-        total = self.seq_length + n
-        flush = quantized_length(total, self.residual, self.group) - self.num_quantized
+        flush = quantized_length(self.seq_length + n, self.residual, self.group) - self.num_quantized
+        # The oldest `flush` tokens of (window, new tokens) go to the store, the rest become the window.
+        taken = min(flush, old)
+        skip = flush - taken
         if flush:
-            self._store(
-                torch.cat([self.window_keys[:, :, :old], keys[:, :, : flush - old]], dim=2)
-                if flush > old else self.window_keys[:, :, :flush],
-                torch.cat([self.window_values[:, :, :old], values[:, :, : flush - old]], dim=2)
-                if flush > old else self.window_values[:, :, :flush],
-            )
-        keep = old - flush
-        if keep > 0 and flush:
-            self.window_keys[:, :, :keep] = self.window_keys[:, :, flush:old].clone()
-            self.window_values[:, :, :keep] = self.window_values[:, :, flush:old].clone()
-        keep = max(keep, 0)
-        skip = max(flush - old, 0)
-        self._ensure_window(keep + n - skip)
-        self.window_keys[:, :, keep : keep + n - skip] = keys[:, :, skip:]
-        self.window_values[:, :, keep : keep + n - skip] = values[:, :, skip:]
-        self.num_window = keep + n - skip
+            self._store(torch.cat([self.window_keys[:, :, :taken], keys[:, :, :skip]], dim=2),
+                        torch.cat([self.window_values[:, :, :taken], values[:, :, :skip]], dim=2))
+        kept = old - taken
+        if kept and taken:
+            self.window_keys[:, :, :kept] = self.window_keys[:, :, taken:old].clone()
+            self.window_values[:, :, :kept] = self.window_values[:, :, taken:old].clone()
+        self._ensure_window(kept + n - skip)
+        self.window_keys[:, :, kept : kept + n - skip] = keys[:, :, skip:]
+        self.window_values[:, :, kept : kept + n - skip] = values[:, :, skip:]
+        self.num_window = kept + n - skip
 
     def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole blocks ``[B, H, k * group, D]`` and append them to the quantized store."""
