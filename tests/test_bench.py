@@ -174,6 +174,19 @@ def test_bench_skips_what_does_not_fit_the_row_budget(tmp_path: Path, capsys: py
     assert "skipped: 128x32 `cpu-scalar` on cpu" in report
 
 
+@requires_numba
+def test_bench_run_budget_keeps_the_reference_and_skips_the_rest(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    results = _bench(tmp_path, capsys, "--configs", "64x16,128x32", "--budget", "1e-6")
+    assert results["settings"]["budget_s"] == 1e-6
+    for r in results["rows"]:
+        if r["backend"] in ("torch", "copy"):
+            assert r["status"] == "ok"
+        else:
+            assert r["status"] == "skipped" and "--budget of 1e-06 s" in r["reason"], r
+
+
 def test_bench_skips_configurations_too_large_for_memory(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

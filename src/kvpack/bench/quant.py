@@ -16,15 +16,19 @@ exactness (codes and scales bit-equal) and the error metrics. Another backend wh
 identical to the reference's shares its metrics; one whose outputs differ gets its own. The backends'
 own functions are timed (the public API's input checks are not part of the timed work).
 
-Budget: each row's timed work is held to ``--row-budget`` seconds. Repeats are cut (to no fewer than
+Budgets: each row's timed work is held to ``--row-budget`` seconds: repeats are cut (to no fewer than
 one) to fit, and a backend other than the reference whose single repetition is predicted (from the
-previous configuration, or a small warm-up) to take longer is skipped at that configuration, with the
-reason in the table and the report.
+previous configuration, or a small warm-up) to take longer is skipped at that configuration. On the
+CPU the whole run also has a ``--budget`` (180 s by default): the reference and the metrics run at
+every configuration, and another row runs only if one repetition fits in the time left after keeping
+the reference's predicted share of the configurations still to come. Every skip is a row with its
+reason, in the table and the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -42,6 +46,8 @@ from kvpack.schemes import Scheme, parse
 _QUERIES = 16  # random queries averaged in the attention-score error
 _WARMUP_ELEMENTS = 1 << 20  # size of the CPU warm-up slice (JIT compilation, per-element estimate)
 _DEFAULT_OUT = "kvpack-results"
+_CPU_BUDGET = 180.0  # default run budget on the CPU, seconds
+_RATE_MIN_ELEMENTS = 1 << 24  # smallest configuration whose cost per element predicts larger ones
 
 
 @dataclass
@@ -112,6 +118,7 @@ class Settings:
     seed: int
     repeats: int
     row_budget: float
+    budget: float
     device: torch.device
     labels: list[str]
     skipped: list[dict[str, str]]
@@ -189,6 +196,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=10.0,
         help="seconds of timed work per row (default 10): repeats are cut to fit, and a backend other than "
         "the reference whose single repetition is predicted to take longer is skipped at that size",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help=f"seconds for the whole run (default {_CPU_BUDGET:g} on the CPU, no limit on a GPU; 0: no "
+        "limit). The reference and the error metrics run at every configuration; other rows are skipped, "
+        "with the reason, where the time left (after keeping the reference's predicted share of the "
+        "configurations still to come) cannot fit one repetition",
     )
     parser.add_argument("--out", default=_DEFAULT_OUT, help=f"output folder (default {_DEFAULT_OUT}/)")
     parser.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
@@ -282,6 +297,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if not args.row_budget > 0:
         raise ValueError(f"--row-budget must be positive, got {args.row_budget}")
+    if args.budget is not None and args.budget < 0:
+        raise ValueError(f"--budget must be 0 (no limit) or positive, got {args.budget}")
     dtype = harness.parse_dtype(args.dtype)
     if args.quick:
         pairs = list(paper.CONFIGS[:3])
@@ -304,6 +321,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         seed=args.seed,
         repeats=args.repeats,
         row_budget=args.row_budget,
+        budget=(_CPU_BUDGET if device.type == "cpu" else 0.0) if args.budget is None else args.budget,
         device=device,
         labels=labels,
         skipped=skipped,
@@ -399,6 +417,17 @@ class _Bench:
         self.s = settings
         self.rows: list[Row] = []
         self.seconds_per_element: dict[str, tuple[float, str]] = {}
+        self.start = time.perf_counter()
+        self.fixed_rate: float | None = None  # seconds per element of a configuration's fixed work
+        self.remaining_elements = 0  # elements of the configurations after the current one
+
+    def _room(self) -> float:
+        """Seconds left for rows other than the reference: the run budget minus the time used and the
+        predicted fixed work (input, copy, reference, metrics) of the configurations still to come."""
+        if not self.s.budget:
+            return math.inf
+        reserve = (self.fixed_rate or 0.0) * self.remaining_elements
+        return self.s.budget - (time.perf_counter() - self.start) - reserve
 
     def _row(
         self, tokens: int, channels: int, dtype: torch.dtype, label: str, device: torch.device, **kw: Any
@@ -421,9 +450,13 @@ class _Bench:
         nbytes = 2 * x.numel() * x.element_size()
         dst = torch.empty_like(x)
         inputs = [(a,) for a in _copies(x, harness.rotation(nbytes, device))]
+        harness.synchronize(device)
+        start = time.perf_counter()
         dst.copy_(x)
         harness.synchronize(device)
-        samples, _ = harness.time_calls(dst.copy_, inputs, self.s.repeats, device)
+        one = time.perf_counter() - start
+        repeats = max(1, min(self.s.repeats, int(self.s.row_budget // max(one, 1e-9))))
+        samples, _ = harness.time_calls(dst.copy_, inputs, repeats, device)
         seconds = harness.median(samples)
         return self._row(
             tokens,
@@ -431,7 +464,7 @@ class _Bench:
             x.dtype,
             "copy",
             device,
-            repeats=self.s.repeats,
+            repeats=repeats,
             copy_ms=seconds * 1e3,
             copy_bytes=nbytes,
             copy_gbps=nbytes / seconds / 1e9,
@@ -452,12 +485,21 @@ class _Bench:
             one = _warm(r, small, channels) * n / small.numel()
             source = f"a warm-up round on {rows}x{channels}"
         budget = self.s.row_budget
-        if one > budget and not r.reference:
+        if r.reference:
+            return max(1, min(self.s.repeats, int(budget // max(one, 1e-9)))), None
+        room = self._room()
+        if one > budget:
             return 0, (
                 f"one repetition predicted to take {one:.3g} s, over the --row-budget of {budget:g} s "
                 f"(extrapolated from {source})"
             )
-        return max(1, min(self.s.repeats, int(budget // max(one, 1e-9)))), None
+        if one > room:
+            return 0, (
+                f"one repetition predicted to take {one:.3g} s (extrapolated from {source}); the run's "
+                f"--budget of {self.s.budget:g} s has {max(room, 0.0):.3g} s left after keeping the "
+                "reference's share of the configurations still to come"
+            )
+        return max(1, min(self.s.repeats, int(min(budget, room) // max(one, 1e-9)))), None
 
     def _time(
         self, r: Runner, x: torch.Tensor, repeats: int, channels: int
@@ -518,8 +560,10 @@ class _Bench:
         return result
 
     def config(self, tokens: int, channels: int, dtype: torch.dtype, progress: Any) -> None:
+        """Measure every row of one configuration (the reference first)."""
         s = self.s
         n = tokens * channels
+        start = time.perf_counter()
         devices = {_row_device(label, s.device) for label in s.labels}
         need = _memory_needed(n, dtype.itemsize)
         too_big = {}
@@ -592,6 +636,10 @@ class _Bench:
                     ref, exact = out, True
                     ref_errors = self._errors(x, out, queries)
                     errors, source = ref_errors, "own output"
+                    if n >= _RATE_MIN_ELEMENTS:
+                        self.fixed_rate = (time.perf_counter() - start) / n
+                elif ref is None:
+                    exact, errors, source = None, self._errors(x, out, queries), "own output"
                 else:
                     exact = (
                         torch.equal(out.codes, ref_on("codes", device))
@@ -758,8 +806,11 @@ def run(args: argparse.Namespace) -> int:
     env = harness.environment(settings.device)
     start = time.perf_counter()
     total = len(settings.configs) * len(settings.labels)
-    with tqdm(total=total, desc="kvpack bench", unit="row", file=sys.stderr, disable=None) as progress:
-        for tokens, channels, dtype in settings.configs:
+    with tqdm(
+        total=total, desc="kvpack bench", unit="row", file=sys.stderr, disable=False, mininterval=1.0
+    ) as progress:
+        for i, (tokens, channels, dtype) in enumerate(settings.configs):
+            bench.remaining_elements = sum(t * d for t, d, _ in settings.configs[i + 1 :])
             bench.config(tokens, channels, dtype, progress)
     env["seconds"] = round(time.perf_counter() - start, 1)
     results = {
@@ -772,6 +823,7 @@ def run(args: argparse.Namespace) -> int:
             "seed": settings.seed,
             "repeats": settings.repeats,
             "row_budget_s": settings.row_budget,
+            "budget_s": settings.budget or None,
             "queries": _QUERIES,
             "backends": settings.labels,
         },

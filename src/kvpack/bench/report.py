@@ -36,7 +36,8 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"- inputs: {st['dist']}{' (U[-1, 1], as the paper)' if st['dist'] == 'uniform' else ''}, "
         f"seed {st['seed']}; format {st['format']}; configurations {', '.join(st['configs'])}",
         f"- timing: median of up to {st['repeats']} repeats per operation, each row held to about "
-        f"{st['row_budget_s']} s of timed work (the `reps` column says how many ran)",
+        f"{st['row_budget_s']} s of timed work (the `reps` column says how many ran); run budget "
+        f"{str(st['budget_s']) + ' s' if st.get('budget_s') else 'none'} (see Skips)",
         "",
         "Bytes counted are the fewest each operation must move: scales read x once (and write the scales); "
         "quantize reads x once and writes codes and scales; dequantize reads codes and scales and writes the "
