@@ -95,6 +95,13 @@ def _rint(y):
 
 
 @triton.jit
+def _round_to_int(y):
+    """:func:`_rint` as an int32, read from the bits of ``y + 1.5 * 2^23`` (whose significand then
+    holds the integer): no float-to-int conversion instruction."""
+    return (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
 def _fp8_round(y, MANT: tl.constexpr, EMIN: tl.constexpr):
     """``y`` (|y| <= the FP8 max) rounded to nearest even on the FP8 grid with MANT mantissa bits and
     smallest normal exponent EMIN, as float32: the step is 2^(e - MANT), e the exponent of |y| taken
@@ -121,13 +128,16 @@ def _bf16_round(y):
 
 @triton.jit
 def _stats(x, mask, AXIS: tl.constexpr, SYMMETRIC: tl.constexpr):
-    """Max and min of the masked ``x`` along AXIS; for symmetric formats the max of |x|, twice.
-    NaN counts as +inf for the max and -inf for the min (Triton's max alone may drop it)."""
-    nan = x != x
+    """Max and min of the masked ``x`` along AXIS; for symmetric formats the max of |x|, twice, which
+    needs the masked elements loaded as 0. NaN counts as +inf for the max and -inf for the min
+    (Triton's float max would drop it). |x| is maxed as integers: the bits of non-negative floats
+    order like their values, and every NaN's lie above +inf's."""
     if SYMMETRIC:
-        hi = tl.max(tl.where(mask, tl.where(nan, float("inf"), tl.abs(x)), 0.0), axis=AXIS)
+        bits = tl.max(x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, axis=AXIS)
+        hi = tl.minimum(bits, 0x7F800000).to(tl.float32, bitcast=True)
         lo = hi
     else:
+        nan = x != x
         hi = tl.max(tl.where(mask, tl.where(nan, float("inf"), x), float("-inf")), axis=AXIS)
         lo = tl.min(tl.where(mask, tl.where(nan, float("-inf"), x), float("inf")), axis=AXIS)
     return hi, lo
@@ -169,15 +179,16 @@ def _store_scales(scale_ptr, zero_ptr, offs, mask, s, z, SYMMETRIC: tl.constexpr
 def _codes(
     x, s, z, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr
 ):
-    """Codes of ``x`` as float32 (integers, or FP8 grid values). Clamping before rounding gives the
-    reference's ``clamp(round(y))`` (the bounds are integers) and keeps |y| small for :func:`_rint`."""
+    """Codes of ``x``: int32 for the integer formats, float32 FP8 grid values for FP8. Clamping before
+    rounding gives the reference's ``clamp(round(y))`` (the bounds are integers) and keeps |y| small
+    for the rounding trick."""
     if FP8_MANT > 0:
         y = tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX)
         q = _fp8_round(y, FP8_MANT, FP8_EMIN)
     elif SYMMETRIC:
-        q = _rint(tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX))
+        q = _round_to_int(tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX))
     else:
-        q = _rint(tl.minimum(tl.maximum(tl.div_rn(x - z, s), 0.0), QMAX))
+        q = _round_to_int(tl.minimum(tl.maximum(tl.div_rn(x - z, s), 0.0), QMAX))
     return q
 
 
@@ -185,7 +196,7 @@ def _codes(
 def _store_codes(
     codes_ptr, q, base, limit, row_ok, BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
 ):
-    """Store the codes ``q [BLOCK_R, BLOCK_C]`` (float32, zero where there is no element). Tile row
+    """Store the codes ``q [BLOCK_R, BLOCK_C]`` (as :func:`_codes`, zero where there is no element). Tile row
     ``r`` goes to the bytes ``codes_ptr + base[r] + j`` for ``j < limit``; int4/int2 codes are packed
     along the columns, the first in the low bits."""
     PER: tl.constexpr = 8 // BITS
@@ -195,7 +206,7 @@ def _store_codes(
     if PER == 1:
         tl.store(ptrs, q.to(codes_ptr.dtype.element_ty), mask=mask)
     else:
-        q3 = tl.reshape(q.to(tl.int32), (BLOCK_R, BLOCK_C // PER, PER))
+        q3 = tl.reshape(q, (BLOCK_R, BLOCK_C // PER, PER))
         shifts = tl.arange(0, PER) * BITS
         tl.store(ptrs, tl.sum(q3 << shifts[None, None, :], axis=2).to(tl.uint8), mask=mask)
 
@@ -206,7 +217,8 @@ def _encode_tile(
     BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
     FP8_EMIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    q = tl.where(mask, _codes(x, s, z, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN), 0.0)
+    q = _codes(x, s, z, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN)
+    q = tl.where(mask, q, tl.zeros_like(q))
     _store_codes(codes_ptr, q, base, limit, row_ok, BITS, BLOCK_R, BLOCK_C)
 
 
