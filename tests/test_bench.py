@@ -14,16 +14,7 @@ from kvpack import cli
 from kvpack.bench import harness, paper, quant
 
 _TIMED = ("quantize_ms", "dequantize_ms", "total_ms", "quantize_gbps", "dequantize_gbps", "quantize_of_copy")
-_ERRORS = (
-    "max_abs_error",
-    "bound",
-    "within_bound",
-    "l2_error",
-    "relative_l2_error",
-    "sqnr_db",
-    "attention_error",
-    "attention_error_1q",
-)
+_ERRORS = tuple(c for c in quant.ERROR_COLUMNS if c not in ("config", "backend"))
 
 
 def _bench(tmp_path: Path, capsys: pytest.CaptureFixture, *args: str, code: int = 0) -> dict:

@@ -37,6 +37,31 @@ def _lines(ax: Any, series: dict[str, list[tuple[float, float]]]) -> None:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
 
 
+def _panels(
+    plt: Any,
+    rows: list[dict[str, Any]],
+    panels: tuple[tuple[str, str], ...],
+    ylabel: str,
+    log: bool,
+    title: str,
+    path: Path,
+) -> None:
+    """Side-by-side panels, one per (row key, panel title), each a line per backend against size."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5))
+    for ax, (key, name) in zip(axes, panels, strict=True):
+        _lines(ax, _series(rows, key))
+        ax.set(xscale="log", yscale="log" if log else "linear", xlabel="elements", ylabel=ylabel, title=name)
+        if log:
+            ax.axhline(1.0, color="gray", lw=0.8)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _title(results: dict[str, Any]) -> str:
     env, st = results["environment"], results["settings"]
     return f"{st['format']}, {st['dist']} input, on {env['device_name']} ({env['date'][:10]})"
@@ -67,44 +92,25 @@ def bench_plots(results: dict[str, Any], out: Path) -> list[str]:
     written.append("time.png")
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, name in (
-        (axes[0], "speedup_vs_scalar", "over cpu-scalar"),
-        (axes[1], "speedup_vs_torch_cpu", "over torch on the CPU"),
+    for name, panels, ylabel, log in (
+        (
+            "speedup.png",
+            (
+                ("speedup_vs_scalar", "Speedup over cpu-scalar"),
+                ("speedup_vs_torch_cpu", "Speedup over torch (CPU)"),
+            ),
+            "speedup (q + dq time)",
+            True,
+        ),
+        (
+            "bandwidth.png",
+            (("quantize_of_copy", "quantize / copy"), ("dequantize_of_copy", "dequantize / copy")),
+            "fraction of copy bandwidth",
+            False,
+        ),
     ):
-        _lines(ax, _series(rows, key))
-        ax.set(
-            xscale="log",
-            yscale="log",
-            xlabel="elements",
-            ylabel="speedup (q + dq time)",
-            title=f"Speedup {name}",
-        )
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle(_title(results), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "speedup.png", dpi=120)
-    written.append("speedup.png")
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for ax, key, name in (
-        (axes[0], "quantize_of_copy", "quantize"),
-        (axes[1], "dequantize_of_copy", "dequantize"),
-    ):
-        _lines(ax, _series(rows, key))
-        ax.set(xscale="log", xlabel="elements", ylabel="fraction of copy bandwidth", title=f"{name} / copy")
-        ax.grid(True, which="both", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.suptitle(_title(results), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "bandwidth.png", dpi=120)
-    written.append("bandwidth.png")
-    plt.close(fig)
+        _panels(plt, rows, panels, ylabel, log, _title(results), out / name)
+        written.append(name)
 
     errs = sorted(
         (

@@ -564,6 +564,10 @@ class _Bench:
         s = self.s
         n = tokens * channels
         start = time.perf_counter()
+
+        def add(label: str, device: torch.device, **kw: Any) -> None:
+            self.rows.append(self._row(tokens, channels, dtype, label, device, **kw))
+
         devices = {_row_device(label, s.device) for label in s.labels}
         need = _memory_needed(n, dtype.itemsize)
         too_big = {}
@@ -578,17 +582,7 @@ class _Bench:
                 )
         if s.device in too_big:
             for label in s.labels:
-                self.rows.append(
-                    self._row(
-                        tokens,
-                        channels,
-                        dtype,
-                        label,
-                        _row_device(label, s.device),
-                        status="skipped",
-                        reason=too_big[s.device],
-                    )
-                )
+                add(label, _row_device(label, s.device), status="skipped", reason=too_big[s.device])
                 progress.update(1)
             return
         x_cpu = harness.synthetic((1, tokens, channels), s.dist, dtype, s.seed)
@@ -615,11 +609,7 @@ class _Bench:
             device = _row_device(label, s.device)
             progress.set_postfix_str(f"{tokens}x{channels} {label}")
             if device in too_big:
-                self.rows.append(
-                    self._row(
-                        tokens, channels, dtype, label, device, status="skipped", reason=too_big[device]
-                    )
-                )
+                add(label, device, status="skipped", reason=too_big[device])
                 progress.update(1)
                 continue
             x = inputs[device]
@@ -627,9 +617,7 @@ class _Bench:
                 r = _runner(label, s.scheme, s.device, channels, dtype)
                 repeats, reason = self._plan(r, x, channels)
                 if reason:
-                    self.rows.append(
-                        self._row(tokens, channels, dtype, label, device, status="skipped", reason=reason)
-                    )
+                    add(label, device, status="skipped", reason=reason)
                     continue
                 timing, out = self._time(r, x, repeats, channels)
                 if r.reference:
@@ -651,31 +639,9 @@ class _Bench:
                     else:
                         errors, source = self._errors(x, out, queries), "own output"
                     del out
-                self.rows.append(
-                    self._row(
-                        tokens,
-                        channels,
-                        dtype,
-                        label,
-                        device,
-                        exact=exact,
-                        metrics_from=source,
-                        **timing,
-                        **errors,
-                    )
-                )
+                add(label, device, exact=exact, metrics_from=source, **timing, **errors)
             except Exception as err:  # one backend failing must not stop the study; the row says why
-                self.rows.append(
-                    self._row(
-                        tokens,
-                        channels,
-                        dtype,
-                        label,
-                        device,
-                        status="error",
-                        reason=f"{type(err).__name__}: {err}",
-                    )
-                )
+                add(label, device, status="error", reason=f"{type(err).__name__}: {err}")
             finally:
                 progress.update(1)
         self._derive(f"{tokens}x{channels}", harness.dtype_name(dtype))
@@ -738,7 +704,7 @@ _TIME_HEADERS = [
     "x torch-cpu",
     "exact",
 ]
-_ERROR_COLUMNS = [
+ERROR_COLUMNS = [
     "config",
     "backend",
     "max_abs_error",
@@ -785,7 +751,7 @@ def print_tables(results: dict[str, Any]) -> None:
         )
     )
     print()
-    print(harness.text_table(error_rows(rows), _ERROR_COLUMNS, _ERROR_HEADERS))
+    print(harness.text_table(error_rows(rows), ERROR_COLUMNS, _ERROR_HEADERS))
     for r in rows:
         if r["status"] != "ok":
             print(f"{r['status']}: {r['config']} {r['backend']} ({r['device']}): {r['reason']}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvpack.bench import harness, paper
-from kvpack.bench.quant import best, error_rows, roundtrip_gbps
+from kvpack.bench.quant import ERROR_COLUMNS, best, error_rows, roundtrip_gbps
 
 _GPU_LABELS = (
     "cuda-naive",
@@ -136,18 +136,7 @@ def _speedups(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _errors(rows: list[dict[str, Any]]) -> list[str]:
-    cols = [
-        "config",
-        "backend",
-        "max_abs_error",
-        "bound",
-        "within_bound",
-        "l2_error",
-        "relative_l2_error",
-        "sqnr_db",
-        "attention_error",
-        "attention_error_1q",
-    ]
+    cols = ERROR_COLUMNS
     heads = [
         "config",
         "output of",
