@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import requires_numba
+from conftest import requires_cuda, requires_numba
 from kvpack import cli
 from kvpack.bench import harness, paper, quant
 
@@ -289,3 +289,40 @@ def test_bench_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert "| 2048x128 | 4.463 |" in report  # the paper's CPU time beside ours
     header = (out / "results.csv").read_text().splitlines()[0].split(",")
     assert {"config", "backend", "quantize_ms", "exact", "l2_error"} <= set(header)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_bench_on_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = _bench(tmp_path, capsys, "--configs", "2048x128,1000x130")
+    assert results["environment"]["device"].startswith("cuda") and results["environment"]["cuda"]
+    rows = {(r["config"], r["backend"], r["device"]): r for r in results["rows"]}
+    for config in ("1000x130", "2048x128"):
+        copy = rows[(config, "copy", "cuda")]
+        assert copy["copy_gbps"] > 0
+        ref = rows[(config, "torch-eager", "cuda")]
+        assert ref["status"] == "ok" and ref["exact"] is True and ref["quantize_of_copy"] > 0
+        for r in results["rows"]:
+            if r["config"] != config or r["backend"] in ("copy", "torch-eager"):
+                continue
+            assert r["status"] == "ok", r
+            if (
+                r["backend"] != "torch-compile"
+            ):  # compiled torch may divide differently: reported, not required
+                assert r["exact"] is True, r
+            if r["device"] == "cuda":
+                assert r["speedup_vs_scalar"] > 0 and r["speedup_vs_torch_cpu"] > 0
+        assert ("torch", "cpu") in {
+            (r["backend"], r["device"]) for r in results["rows"] if r["config"] == config
+        }
+    labels = {r["backend"] for r in results["rows"]}
+    skipped = {s["backend"] for s in results["skipped_backends"]}
+    for backend in (
+        "triton",
+        "torch-compile",
+        "cuda-naive",
+        "cuda-tiled",
+        "cuda-coarsened",
+        "cuda-vectorized",
+    ):
+        assert backend in labels or backend in skipped, backend
