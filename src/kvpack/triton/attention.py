@@ -4,13 +4,21 @@ For each (batch row, KV head) the context, quantized store then full-precision w
 (:class:`kvpack.cache.QuantizedLayer`), is cut into ``num_splits`` chunks, one program each. A program
 holds every query row of its KV head (the GQA query heads times the ``Lq`` new tokens, padded to
 ``BLOCK_M >= 16`` rows so ``tl.dot`` can use tensor cores), streams ``BLOCK_N``-token tiles of codes and
-scales, dequantizes them in registers exactly as :func:`kvpack.reference.dequantize` does (float32
-``code * scale (+ zero)``, then one rounding to the query dtype), and keeps an online softmax in float32:
+scales, and keeps an online softmax in float32:
 
     m' = max(m, rowmax(s)),  l' = l * 2^(m - m') + sum 2^(s - m'),  acc' = acc * 2^(m - m') + 2^(s - m') v
 
 with ``s = q k^T * scale * log2(e)``. Each split writes ``acc / l`` and ``lse = m + log2(l)``; a second
 kernel combines the splits, weighting each by ``2^(lse - max lse)``. One split writes the output directly.
+
+The codes never become dequantized keys and values. Every int8/int4/int2/fp8 code is exactly a float16,
+so a tile's codes go to the tensor cores as float16 (converted four bytes at a time by a few PTX
+instructions on the GPU), and the scales are folded into the small operands instead: a per-channel key
+scale row into ``q``, a per-token value scale into the softmax weights, zero points as rank-one
+corrections (see :func:`_key_scores`, :func:`_value_product`). Layouts this cannot fold (per-token
+scales in channel groups, blocks no tile size divides) dequantize the tile in registers as
+:func:`kvpack.reference.dequantize` does. The result equals attention over the dequantized cache up to
+float16 rounding of the folded operands (the reference rounds the dequantized keys to the model dtype).
 
 Masking, per batch row ``b`` with valid tokens ``[start_b, end_b)`` (default ``[0, seq_length)``): query
 ``i`` of ``Lq`` sits at position ``end_b - Lq + i`` and sees keys ``start_b <= j <= end_b - Lq + i``. A
@@ -20,13 +28,15 @@ Code layouts served (see :mod:`kvpack.schemes`): int8 (symmetric), fp8 e4m3/e5m2
 int2 (asymmetric, packed along the head dimension, first code in the low bits). Scales: per-channel
 formats hold one row per block of ``group`` tokens (``row = token // group``), per-token formats one
 row per token, over the whole head (one scale) or in channel groups (``column = channel // group``).
-Every global offset that can pass 2^31 is computed in 64 bits.
+Offsets of a (batch row, head) slice are computed in 64 bits; offsets inside one slice in 32 bits (the
+launcher checks that a slice holds fewer than 2^31 elements).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -98,75 +108,297 @@ def _scales(ptr, tok, ok, offs_d, d_ok, tile_start, stride_t,
         s = tl.load(ptr + (tile_start // ROW_DIV) * stride_t + offs_d, mask=d_ok, other=0.0).to(tl.float32)
         return s[None, :]
     elif SMODE == 1:
-        s = tl.load(ptr + tok.to(tl.int64) * stride_t, mask=ok, other=0.0).to(tl.float32)
+        s = tl.load(ptr + tok * stride_t, mask=ok, other=0.0).to(tl.float32)
         return s[:, None]
     elif SMODE == 2:
         NG: tl.constexpr = BLOCK_D // COL_DIV
         g = tl.arange(0, NG)
-        s = tl.load(ptr + tok.to(tl.int64)[:, None] * stride_t + g[None, :], mask=ok[:, None], other=0.0)
+        s = tl.load(ptr + tok[:, None] * stride_t + g[None, :], mask=ok[:, None], other=0.0)
         s = tl.broadcast_to(s.to(tl.float32)[:, :, None], [BLOCK_N, NG, COL_DIV])
         return tl.reshape(s, [BLOCK_N, BLOCK_D])
     else:
-        row = (tok // ROW_DIV).to(tl.int64)
+        row = tok // ROW_DIV
         col = offs_d // COL_DIV
         s = tl.load(ptr + row[:, None] * stride_t + col[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
         return s.to(tl.float32)
 
 
+# Exact conversion of integer codes to float16 on the GPU, four bytes (one 32-bit register) at a time,
+# with no slow integer-to-float instruction: a byte b placed under the float16 exponent 0x64 reads as
+# 1024 + b (PRMT), and one packed subtraction (or fused multiply-add, for high bit fields) gives b.
+_INT8_TO_F16 = tl.constexpr("""{
+.reg .b32 t, bias;
+xor.b32 t, $2, 0x80808080;
+prmt.b32 $0, t, 0x64646464, 0x4140;
+prmt.b32 $1, t, 0x64646464, 0x4342;
+mov.b32 bias, 0x64806480;
+sub.f16x2 $0, $0, bias;
+sub.f16x2 $1, $1, bias;
+}""")
+
+
+def _half_pair(x: float) -> int:
+    """Two float16 copies of ``x`` in one 32-bit word (a packed ``f16x2`` PTX operand)."""
+    (h,) = struct.unpack("<H", struct.pack("<e", x))
+    return h | h << 16
+
+
+def _bit_fields_to_f16(bits: int) -> str:
+    """PTX turning four bytes of packed ``bits``-bit codes into float16 codes: output pair ``k`` holds
+    field ``k`` (bits ``k * bits`` and up) of the four bytes."""
+    fields = 8 // bits
+    lines = ["{", ".reg .b32 t0, t1, m, s, o;", f"prmt.b32 t0, ${2 * fields}, 0, 0x4140;",
+             f"prmt.b32 t1, ${2 * fields}, 0, 0x4342;", "mov.b32 m, 0x64006400;"]
+    for k in range(fields):
+        mask = ((1 << bits) - 1) << (k * bits)
+        lines += [f"lop3.b32 ${2 * k}, t0, {mask | mask << 16:#010x}, m, 0xea;",
+                  f"lop3.b32 ${2 * k + 1}, t1, {mask | mask << 16:#010x}, m, 0xea;"]
+        if k == 0:
+            lines += [f"sub.f16x2 ${2 * k}, ${2 * k}, m;", f"sub.f16x2 ${2 * k + 1}, ${2 * k + 1}, m;"]
+            continue
+        # 1024 + f * 2^(k * bits)  ->  f: multiply by 2^-(k * bits), add -1024 * 2^-(k * bits).
+        scale, offset = (_half_pair(x * 2.0 ** -(k * bits)) for x in (1.0, -1024.0))
+        lines += [f"mov.b32 s, {scale:#010x};", f"mov.b32 o, {offset:#010x};"]
+        lines += [f"fma.rn.f16x2 ${2 * k + i}, ${2 * k + i}, s, o;" for i in (0, 1)]
+    return "\n".join(lines + ["}"])
+
+
+_INT4_TO_F16 = tl.constexpr(_bit_fields_to_f16(4))
+_INT2_TO_F16 = tl.constexpr(_bit_fields_to_f16(2))
+
+
+def _word_to_f16(convert: str) -> str:
+    """PTX turning one 32-bit word of four 8-bit codes into four float16 codes (16-bit outputs $0..$3,
+    first code in the low byte), given the PTX that turns the word ``w`` into two f16x2 words ``a``
+    (codes 0, 1) and ``b`` (codes 2, 3)."""
+    return "\n".join(["{", ".reg .b32 w, a, b, t, bias;", ".reg .b16 lo, hi;", "mov.b32 w, $4;", convert,
+                      "mov.b32 {$0, $1}, a;", "mov.b32 {$2, $3}, b;", "}"])
+
+
+# Value tiles are transposed on their way to the tensor cores; converted first, they travel as float16
+# (ldmatrix.trans) instead of byte by byte.
+_WORD_INT8_TO_F16 = tl.constexpr(_word_to_f16(
+    "xor.b32 t, w, 0x80808080;\nprmt.b32 a, t, 0x64646464, 0x4140;\nprmt.b32 b, t, 0x64646464, 0x4342;\n"
+    "mov.b32 bias, 0x64806480;\nsub.f16x2 a, a, bias;\nsub.f16x2 b, b, bias;"))
+_WORD_E4M3_TO_F16 = tl.constexpr(_word_to_f16(
+    "mov.b32 {lo, hi}, w;\ncvt.rn.f16x2.e4m3x2 a, lo;\ncvt.rn.f16x2.e4m3x2 b, hi;"))
+_WORD_E5M2_TO_F16 = tl.constexpr(_word_to_f16(
+    "mov.b32 {lo, hi}, w;\ncvt.rn.f16x2.e5m2x2 a, lo;\ncvt.rn.f16x2.e5m2x2 b, hi;"))
+
+
 @triton.jit
-def _dequantized_tile(codes, scale, zero, tok, ok, offs_d, d_ok, tile_start, stride_ct, stride_st,
-                      D: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, SMODE: tl.constexpr,
-                      ROW_DIV: tl.constexpr, COL_DIV: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``[BLOCK_N, BLOCK_D]`` float32 values of tokens ``tok`` (rows not ``ok`` and channels past ``D``
-    read as 0): ``code * scale`` (int8, fp8) or ``code * scale + zero`` (int4, int2). fp8 codes arrive as
-    bytes (a masked fp8 load has no ``other`` in the interpreter) and are bitcast."""
-    tok64 = tok.to(tl.int64)
+def _words_to_f16(words, ASM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    c0, c1, c2, c3 = tl.inline_asm_elementwise(ASM, "=h,=h,=h,=h,r", [words],
+                                               dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                               is_pure=True, pack=1)
+    return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BLOCK_N, BLOCK_D])
+
+
+@triton.jit
+def _value_codes_f16(codes, tok, ok, offs_d, d_ok, stride_ct, D: tl.constexpr, KIND: tl.constexpr,
+                     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
+                     WORDS: tl.constexpr, INTERPRET: tl.constexpr):
+    """:func:`_codes_f16` of a value tile. With ``WORDS`` (8-bit codes whose rows and slices are 4-byte
+    aligned, on the GPU) the codes are read as 32-bit words and converted four at a time, so that the
+    compiler transposes float16 (ldmatrix) rather than single bytes."""
+    if not WORDS:
+        raw = _raw_codes(codes, tok, ok, offs_d, d_ok, stride_ct, D, KIND, BITS, BLOCK_D, MASKED)
+        return _codes_f16(raw, KIND, BITS, BLOCK_N, BLOCK_D, INTERPRET)
+    else:
+        cols = tl.arange(0, BLOCK_D // 4)
+        ptrs = codes.to(tl.pointer_type(tl.int32)) + tok[:, None] * (stride_ct // 4) + cols[None, :]
+        if MASKED:
+            words = tl.load(ptrs, mask=ok[:, None] & (cols < D // 4)[None, :], other=0)
+        elif D == BLOCK_D:
+            words = tl.load(ptrs)
+        else:
+            words = tl.load(ptrs, mask=(cols < D // 4)[None, :], other=0)
+        if KIND == 0:
+            return _words_to_f16(words, _WORD_INT8_TO_F16, BLOCK_N, BLOCK_D)
+        elif KIND == 1:
+            return _words_to_f16(words, _WORD_E4M3_TO_F16, BLOCK_N, BLOCK_D)
+        else:
+            return _words_to_f16(words, _WORD_E5M2_TO_F16, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _raw_codes(codes, tok, ok, offs_d, d_ok, stride_ct, D: tl.constexpr, KIND: tl.constexpr,
+               BITS: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
+    """The stored bytes of tokens ``tok``: int8 codes, fp8 bit patterns (uint8) or packed bytes
+    ``[BLOCK_N, BLOCK_D / per_byte]``; channels past ``D`` and, if ``MASKED``, rows not ``ok`` read as 0.
+    Unmasked rows must lie in the store (whole tiles of it): they hold finite codes, and the softmax
+    gives the tokens that are not ``ok`` zero weight. fp8 codes arrive as bytes (a masked fp8 load has
+    no ``other`` in the interpreter)."""
     if KIND == 2:
         PER: tl.constexpr = 8 // BITS
-        offs_b = tl.arange(0, BLOCK_D // PER)
-        b_ok = offs_b < (D + PER - 1) // PER
-        byte = tl.load(codes + tok64[:, None] * stride_ct + offs_b[None, :],
-                       mask=ok[:, None] & b_ok[None, :], other=0).to(tl.int32)
-        # Unpack along a new last axis and flatten it: byte j holds channels PER*j .. PER*j + PER - 1,
-        # the first in the low bits.
+        cols = tl.arange(0, BLOCK_D // PER)
+        c_ok = cols < (D + PER - 1) // PER
+    else:
+        cols = offs_d
+        c_ok = d_ok
+    ptrs = codes + tok[:, None] * stride_ct + cols[None, :]
+    if MASKED:
+        raw = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0)
+    elif D == BLOCK_D:
+        raw = tl.load(ptrs)
+    else:
+        raw = tl.load(ptrs, mask=c_ok[None, :], other=0)
+    return raw
+
+
+@triton.jit
+def _codes_f32(raw, KIND: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The code values ``[BLOCK_N, BLOCK_D]`` in float32, exactly. Packed bytes are unpacked along a new
+    last axis and flattened: byte j holds channels PER*j .. PER*j + PER - 1, the first in the low bits."""
+    if KIND == 2:
+        byte = raw.to(tl.int32)
         if BITS == 4:
             c = tl.join(byte & 15, byte >> 4)
         else:
             c = tl.join(tl.join(byte & 3, (byte >> 4) & 3), tl.join((byte >> 2) & 3, byte >> 6))
-        f = _exact_float(tl.reshape(c, [BLOCK_N, BLOCK_D]), False)
+        return _exact_float(tl.reshape(c, [BLOCK_N, BLOCK_D]), False)
+    elif KIND == 0:
+        return _exact_float(raw.to(tl.int32), True)
+    elif KIND == 1:
+        return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     else:
-        c = tl.load(codes + tok64[:, None] * stride_ct + offs_d[None, :],
-                    mask=ok[:, None] & d_ok[None, :], other=0)
-        if KIND == 0:
-            f = _exact_float(c.to(tl.int32), True)
-        elif KIND == 1:
-            f = c.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        else:
-            f = c.to(tl.float8e5, bitcast=True).to(tl.float32)
-    x = f * _scales(scale, tok, ok, offs_d, d_ok, tile_start, stride_st, SMODE, ROW_DIV, COL_DIV,
-                    BLOCK_N, BLOCK_D)
-    if KIND == 2:
-        x = x + _scales(zero, tok, ok, offs_d, d_ok, tile_start, stride_st, SMODE, ROW_DIV, COL_DIV,
-                        BLOCK_N, BLOCK_D)
-    return x
+        return raw.to(tl.float8e5, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _attend(q, k, v, tok, ok, qpos, m_i, l_i, acc, qk_scale, INTERPRET: tl.constexpr):
-    """One online-softmax step over a tile of keys ``k`` and values ``v`` ``[BLOCK_N, BLOCK_D]`` (in the
-    interpreter, whose bfloat16 ``tl.dot`` is wrong, in float32)."""
+def _codes_f16(raw, KIND: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """The code values ``[BLOCK_N, BLOCK_D]`` in float16, exactly (every int8/int4/int2/fp8 code is a
+    float16): PTX byte tricks on the GPU, :func:`_codes_f32` in the interpreter."""
     if INTERPRET:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k)) * qk_scale
+        return _codes_f32(raw, KIND, BITS, BLOCK_N, BLOCK_D).to(tl.float16)
+    elif KIND == 0:
+        return tl.inline_asm_elementwise(_INT8_TO_F16, "=r,=r,r", [raw], dtype=tl.float16, is_pure=True,
+                                         pack=4)
+    elif KIND == 1:
+        return raw.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    elif KIND == 3:
+        return raw.to(tl.float8e5, bitcast=True).to(tl.float16)
+    elif BITS == 4:
+        lo, hi = tl.inline_asm_elementwise(_INT4_TO_F16, "=r,=r,=r,=r,r", [raw],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        return tl.reshape(tl.join(lo, hi), [BLOCK_N, BLOCK_D])
+    else:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(_INT2_TO_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [raw],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=4)
+        return tl.reshape(tl.join(tl.join(c0, c2), tl.join(c1, c3)), [BLOCK_N, BLOCK_D])
+
+
+@triton.jit
+def _mm(a, b, INTERPRET: tl.constexpr):
+    """``tl.dot`` with float32 accumulation; in float32 in the interpreter, whose bfloat16 dot is wrong."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _vector(ptrs, ok, MASKED: tl.constexpr):
+    """float32 values at ``ptrs``; 0 where not ``ok`` if ``MASKED``."""
+    if MASKED:
+        x = tl.load(ptrs, mask=ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _key_scores(q, qn, q_max, q_sum, codes, scale, zero, tok, ok, offs_d, d_ok, tile_start, stride_ct,
+                stride_st, D: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, SMODE: tl.constexpr,
+                ROW_DIV: tl.constexpr, COL_DIV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """``q k^T`` ``[BLOCK_M, BLOCK_N]`` (float32) for a tile of quantized keys.
+
+    The scales are folded in rather than applied to every key element. Per-channel scales (one row
+    ``s`` per tile): ``q . (c s + z) = (q s) . c + q . z``, with ``q s`` formed in float16 from
+    ``qn = q / max|q|`` and ``s / max(s)`` (both at most 1), the two maxima multiplied back after the
+    dot. Per-token scales: ``q . (c s_t + z_t) = s_t (q . c) + z_t sum(q)``. Other layouts (channel
+    groups of per-token scales, odd groups) dequantize the tile in registers.
+    """
+    raw = _raw_codes(codes, tok, ok, offs_d, d_ok, stride_ct, D, KIND, BITS, BLOCK_D, MASKED)
+    if SMODE == 0:
+        row = (tile_start // ROW_DIV) * stride_st + offs_d
+        s = _vector(scale + row, d_ok, D != BLOCK_D)
+        top = tl.max(s, 0)
+        top = tl.where(top > 0, top, 1.0)
+        qs = (qn * (s * (1.0 / top))[None, :]).to(tl.float16)
+        out = _mm(qs, tl.trans(_codes_f16(raw, KIND, BITS, BLOCK_N, BLOCK_D, INTERPRET)), INTERPRET)
+        out = out * (top * q_max)
+        if KIND == 2:
+            out += tl.sum(q.to(tl.float32) * _vector(zero + row, d_ok, D != BLOCK_D)[None, :], 1)[:, None]
+        return out
+    elif SMODE == 1:
+        at = tok * stride_st
+        c = _codes_f16(raw, KIND, BITS, BLOCK_N, BLOCK_D, INTERPRET)
+        out = _mm(qn.to(tl.float16), tl.trans(c), INTERPRET)
+        out = out * (_vector(scale + at, ok, MASKED) * q_max)[None, :]
+        if KIND == 2:
+            out += q_sum[:, None] * _vector(zero + at, ok, MASKED)[None, :]
+        return out
+    else:
+        k = _codes_f32(raw, KIND, BITS, BLOCK_N, BLOCK_D) * _scales(
+            scale, tok, ok, offs_d, d_ok, tile_start, stride_st, SMODE, ROW_DIV, COL_DIV, BLOCK_N, BLOCK_D)
+        if KIND == 2:
+            k += _scales(zero, tok, ok, offs_d, d_ok, tile_start, stride_st, SMODE, ROW_DIV, COL_DIV,
+                         BLOCK_N, BLOCK_D)
+        return _mm(q, tl.trans(_rounded(k, q.dtype, INTERPRET)), INTERPRET)
+
+
+@triton.jit
+def _value_product(p, codes, scale, zero, tok, ok, offs_d, d_ok, tile_start, stride_ct, stride_st,
+                   dtype: tl.constexpr, D: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+                   SMODE: tl.constexpr, ROW_DIV: tl.constexpr, COL_DIV: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr, WORDS: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    """``p v`` ``[BLOCK_M, BLOCK_D]`` (float32) for softmax weights ``p`` (float32, in [0, 1]) and a tile
+    of quantized values, scales folded in as in :func:`_key_scores`: per-token scales into ``p``
+    (``p s_t / max(s_t)`` in float16), per-channel scales onto the product's columns."""
+    if SMODE == 1:
+        at = tok * stride_st
+        s = _vector(scale + at, ok, MASKED)
+        top = tl.max(s, 0)
+        ps = (p * (s * (1.0 / tl.where(top > 0, top, 1.0)))[None, :]).to(tl.float16)
+        c = _value_codes_f16(codes, tok, ok, offs_d, d_ok, stride_ct, D, KIND, BITS, BLOCK_N, BLOCK_D, MASKED,
+                             WORDS, INTERPRET)
+        out = _mm(ps, c, INTERPRET) * tl.where(top > 0, top, 1.0)
+        if KIND == 2:
+            out += tl.sum(p * _vector(zero + at, ok, MASKED)[None, :], 1)[:, None]
+        return out
+    elif SMODE == 0:
+        row = (tile_start // ROW_DIV) * stride_st + offs_d
+        c = _value_codes_f16(codes, tok, ok, offs_d, d_ok, stride_ct, D, KIND, BITS, BLOCK_N, BLOCK_D, MASKED,
+                             WORDS, INTERPRET)
+        out = _mm(p.to(tl.float16), c, INTERPRET) * _vector(scale + row, d_ok, D != BLOCK_D)[None, :]
+        if KIND == 2:
+            out += tl.sum(p, 1)[:, None] * _vector(zero + row, d_ok, D != BLOCK_D)[None, :]
+        return out
+    else:
+        raw = _raw_codes(codes, tok, ok, offs_d, d_ok, stride_ct, D, KIND, BITS, BLOCK_D, MASKED)
+        v = _codes_f32(raw, KIND, BITS, BLOCK_N, BLOCK_D) * _scales(
+            scale, tok, ok, offs_d, d_ok, tile_start, stride_st, SMODE, ROW_DIV, COL_DIV, BLOCK_N, BLOCK_D)
+        if KIND == 2:
+            v += _scales(zero, tok, ok, offs_d, d_ok, tile_start, stride_st, SMODE, ROW_DIV, COL_DIV,
+                         BLOCK_N, BLOCK_D)
+        return _mm(_rounded(p, dtype, INTERPRET), _rounded(v, dtype, INTERPRET), INTERPRET)
+
+
+@triton.jit
+def _softmax_step(s, tok, ok, qpos, m_i, l_i):
+    """Online softmax over a tile of scores ``s`` (already times ``scale * log2(e)``): masks the keys a
+    query may not see, returns the new max and sum, the weights ``p`` and the rescale of the old
+    accumulator."""
     s = tl.where(ok[None, :] & (tok[None, :] <= qpos[:, None]), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l_i, acc
+    return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
 
 
 # The token counts change every step: specializing on them (divisibility by 16, == 1) would compile
@@ -190,7 +422,8 @@ def _decode_kernel(
     K_ROW_DIV: tl.constexpr, K_COL_DIV: tl.constexpr,
     V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_SMODE: tl.constexpr,
     V_ROW_DIV: tl.constexpr, V_COL_DIV: tl.constexpr,
-    HAS_START: tl.constexpr, HAS_END: tl.constexpr, SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    HAS_START: tl.constexpr, HAS_END: tl.constexpr, SPLIT: tl.constexpr, MASKED: tl.constexpr,
+    V_WORDS: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -216,9 +449,13 @@ def _decode_kernel(
 
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    if INTERPRET:
-        q = q.to(tl.float32)
     dtype = Q.dtype.element_ty
+    # Forms of q for the folded scales (see _key_scores): q / max|q|, and the sum of q's elements.
+    q32 = q.to(tl.float32)
+    q_max = tl.max(tl.max(tl.abs(q32), 1), 0)
+    q_max = tl.where(q_max > 0, q_max, 1.0)
+    qn = q32 / q_max
+    q_sum = tl.sum(q32, 1)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -240,24 +477,24 @@ def _decode_kernel(
     for t0 in range(lo, q_hi, BLOCK_N):
         tok = t0 + tl.arange(0, BLOCK_N)
         ok = (tok < q_hi) & (tok >= begin)
-        k = _dequantized_tile(kc, ks, kz, tok, ok, offs_d, d_ok, t0, stride_kct, stride_kst, D,
-                              K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N, BLOCK_D)
-        v = _dequantized_tile(vc, vs, vz, tok, ok, offs_d, d_ok, t0, stride_vct, stride_vst, D,
-                              V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, BLOCK_N, BLOCK_D)
-        k = _rounded(k, dtype, INTERPRET)
-        v = _rounded(v, dtype, INTERPRET)
-        m_i, l_i, acc = _attend(q, k, v, tok, ok, qpos, m_i, l_i, acc, qk_scale, INTERPRET)
+        s = _key_scores(q, qn, q_max, q_sum, kc, ks, kz, tok, ok, offs_d, d_ok, t0, stride_kct, stride_kst, D,
+                        K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N, BLOCK_D, MASKED, INTERPRET)
+        m_i, l_i, p, alpha = _softmax_step(s * qk_scale, tok, ok, qpos, m_i, l_i)
+        acc = acc * alpha[:, None] + _value_product(
+            p, vc, vs, vz, tok, ok, offs_d, d_ok, t0, stride_vct, stride_vst, dtype, D,
+            V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, BLOCK_N, BLOCK_D, MASKED, V_WORDS, INTERPRET)
 
     wk = WK + b * stride_wkb + h * stride_wkh
     wv = WV + b * stride_wvb + h * stride_wvh
     for t0 in range(tl.maximum(lo, n_quant), hi, BLOCK_N):
         tok = t0 + tl.arange(0, BLOCK_N)
         ok = (tok < hi) & (tok >= begin)
-        w = (tok - n_quant).to(tl.int64)
+        w = tok - n_quant
         mask = ok[:, None] & d_ok[None, :]
         k = tl.load(wk + w[:, None] * stride_wkt + offs_d[None, :], mask=mask, other=0.0)
         v = tl.load(wv + w[:, None] * stride_wvt + offs_d[None, :], mask=mask, other=0.0)
-        m_i, l_i, acc = _attend(q, k, v, tok, ok, qpos, m_i, l_i, acc, qk_scale, INTERPRET)
+        m_i, l_i, p, alpha = _softmax_step(_mm(q, tl.trans(k), INTERPRET) * qk_scale, tok, ok, qpos, m_i, l_i)
+        acc = acc * alpha[:, None] + _mm(_rounded(p, dtype, INTERPRET), v, INTERPRET)
 
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -345,6 +582,18 @@ def _chunked(tokens: int, splits: int, block_n: int) -> tuple[int, int]:
     return math.ceil(max(tokens, 1) / chunk), chunk
 
 
+def _check_layout(*tensors: torch.Tensor | None) -> None:
+    """The kernel indexes the last axis with stride 1, and one (batch row, head) slice in 32 bits."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.stride(-1) != 1:
+            raise ValueError(f"decode attention needs a contiguous last axis; got strides {t.stride()}")
+        if t.dim() == 4 and t.shape[2] * t.stride(2) >= 2**31:
+            raise ValueError(f"a {tuple(t.shape)} cache buffer holds 2^31 or more elements per sequence and "
+                             "head, more than the decode kernel indexes")
+
+
 def decode_attention(
     q: torch.Tensor,
     key_codes: torch.Tensor,
@@ -407,9 +656,13 @@ def decode_attention(
     if num_quantized == 0:
         # Nothing is read from the store: any tensor serves as a placeholder pointer.
         key_codes = value_codes = key_scale = value_scale = window_keys
-    # fp8 codes travel as bytes (see _dequantized_tile).
+    _check_layout(q, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, window_keys,
+                  window_values)
+    # fp8 codes travel as bytes (see _raw_codes).
     key_codes, value_codes = (c.view(torch.uint8) if c.dtype in FP8_DTYPES.values() else c
                               for c in (key_codes, value_codes))
+    words = (value_codes.element_size() == 1 and value_scheme.bits == 8 and d % 4 == 0
+             and value_codes.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in value_codes.stride()[:3]))
     kfmt = _format_args(key_scheme, group, d, block_d, config.block_n)
     vfmt = _format_args(value_scheme, group, d, block_d, config.block_n)
     _decode_kernel[(bsz * hkv, splits, row_blocks)](
@@ -426,6 +679,7 @@ def decode_attention(
         D=d,
         **{f"K_{k}": v for k, v in kfmt.items()}, **{f"V_{k}": v for k, v in vfmt.items()},
         HAS_START=start is not None, HAS_END=end is not None, SPLIT=splits > 1,
+        MASKED=group % config.block_n != 0, V_WORDS=words and not triton_interpreted(),
         INTERPRET=triton_interpreted(),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
