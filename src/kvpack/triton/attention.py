@@ -50,8 +50,8 @@ from kvpack.schemes import FP8_DTYPES, Scheme
 MAX_SPLITS = 64
 #: Fewest tokens worth a split of their own.
 MIN_SPLIT_TOKENS = 256
-#: Programs to aim for, per streaming multiprocessor, when choosing the number of splits.
-PROGRAMS_PER_SM = 8
+#: Programs of the default tile shape that fit on one streaming multiprocessor at once (registers).
+RESIDENT_PER_SM = 2
 #: Most query rows (GQA heads x new tokens) one program holds; more rows use several row blocks.
 MAX_BLOCK_M = 64
 
@@ -318,8 +318,8 @@ def _key_scores(q, qn, q_max, q_sum, codes, scale, zero, tok, ok, offs_d, d_ok, 
 
     The scales are folded in rather than applied to every key element. Per-channel scales (one row
     ``s`` per tile): ``q . (c s + z) = (q s) . c + q . z``, with ``q s`` formed in float16 from
-    ``qn = q / max|q|`` and ``s / max(s)`` (both at most 1), the two maxima multiplied back after the
-    dot. Per-token scales: ``q . (c s_t + z_t) = s_t (q . c) + z_t sum(q)``. Other layouts (channel
+    ``qn = q / max|q|`` (per query row) and ``s / max(s)`` (both at most 1), the maxima multiplied back
+    after the dot. Per-token scales: ``q . (c s_t + z_t) = s_t (q . c) + z_t sum(q)``. Other layouts (channel
     groups of per-token scales, odd groups) dequantize the tile in registers.
     """
     raw = _raw_codes(codes, tok, ok, offs_d, d_ok, stride_ct, D, KIND, BITS, BLOCK_D, MASKED)
@@ -330,7 +330,7 @@ def _key_scores(q, qn, q_max, q_sum, codes, scale, zero, tok, ok, offs_d, d_ok, 
         top = tl.where(top > 0, top, 1.0)
         qs = (qn * (s * (1.0 / top))[None, :]).to(tl.float16)
         out = _mm(qs, tl.trans(_codes_f16(raw, KIND, BITS, BLOCK_N, BLOCK_D, INTERPRET)), INTERPRET)
-        out = out * (top * q_max)
+        out = out * (top * q_max)[:, None]
         if KIND == 2:
             out += tl.sum(q.to(tl.float32) * _vector(zero + row, d_ok, D != BLOCK_D)[None, :], 1)[:, None]
         return out
@@ -338,7 +338,7 @@ def _key_scores(q, qn, q_max, q_sum, codes, scale, zero, tok, ok, offs_d, d_ok, 
         at = tok * stride_st
         c = _codes_f16(raw, KIND, BITS, BLOCK_N, BLOCK_D, INTERPRET)
         out = _mm(qn.to(tl.float16), tl.trans(c), INTERPRET)
-        out = out * (_vector(scale + at, ok, MASKED) * q_max)[None, :]
+        out = out * q_max[:, None] * _vector(scale + at, ok, MASKED)[None, :]
         if KIND == 2:
             out += q_sum[:, None] * _vector(zero + at, ok, MASKED)[None, :]
         return out
@@ -450,11 +450,11 @@ def _decode_kernel(
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     dtype = Q.dtype.element_ty
-    # Forms of q for the folded scales (see _key_scores): q / max|q|, and the sum of q's elements.
+    # Forms of q for the folded scales (see _key_scores): q / max|q| per row, and each row's sum.
     q32 = q.to(tl.float32)
-    q_max = tl.max(tl.max(tl.abs(q32), 1), 0)
+    q_max = tl.max(tl.abs(q32), 1)
     q_max = tl.where(q_max > 0, q_max, 1.0)
-    qn = q32 / q_max
+    qn = q32 / q_max[:, None]
     q_sum = tl.sum(q32, 1)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
@@ -569,12 +569,21 @@ def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: 
 
 
 def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device) -> tuple[int, int]:
-    """``(num_splits, chunk)``: enough splits that ``programs * num_splits`` fills the GPU
-    (:data:`PROGRAMS_PER_SM` per SM), none shorter than :data:`MIN_SPLIT_TOKENS`, at most
-    :data:`MAX_SPLITS`; ``chunk`` is the tokens per split, a whole number of tiles."""
-    want = math.ceil(PROGRAMS_PER_SM * _sm_count(device) / max(programs, 1))
-    splits = max(1, min(want, math.ceil(tokens / MIN_SPLIT_TOKENS), MAX_SPLITS))
-    return _chunked(tokens, splits, block_n)
+    """``(num_splits, chunk)``: at least enough splits that ``programs * num_splits`` fills every
+    resident slot of the GPU once (:data:`RESIDENT_PER_SM` per SM), and up to twice that, whichever count
+    leaves the last wave fullest; no split shorter than :data:`MIN_SPLIT_TOKENS`, at most
+    :data:`MAX_SPLITS`. ``chunk`` is the tokens per split, a whole number of tiles."""
+    slots = RESIDENT_PER_SM * _sm_count(device)
+    most = max(1, min(MAX_SPLITS, math.ceil(tokens / MIN_SPLIT_TOKENS)))
+    fill = min(most, math.ceil(slots / max(programs, 1)))
+    best: tuple[float, int, int] | None = None
+    for want in range(fill, min(most, 2 * fill) + 1):
+        splits, chunk = _chunked(tokens, want, block_n)
+        total = programs * splits
+        fullness = total / (slots * math.ceil(total / slots))
+        if best is None or fullness > best[0] + 0.02:
+            best = (fullness, splits, chunk)
+    return best[1], best[2]
 
 
 def _chunked(tokens: int, splits: int, block_n: int) -> tuple[int, int]:
