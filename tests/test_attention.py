@@ -8,7 +8,9 @@ GPU the kernel runs in Triton's interpreter at small sizes; the GPU tests repeat
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -313,3 +315,32 @@ def test_gpu_torch_compile_reduce_overhead() -> None:
     for seed in range(3):
         q = queries(layer, 32, 1, seed=seed)
         assert rel_error(step(q) - 1, expected(q, layer)) < TOLERANCE
+
+
+def test_choose_splits_covers_the_context() -> None:
+    from kvpack.triton.attention import MAX_SPLITS, choose_splits
+
+    for tokens in (1, 63, 64, 1000, 4096, 32768, 131072 + 5):
+        for programs in (1, 8, 64, 256, 1024):
+            splits, chunk = choose_splits(tokens, programs, 64, torch.device(DEVICE))
+            assert 1 <= splits <= MAX_SPLITS and chunk % 64 == 0
+            assert (splits - 1) * chunk < tokens <= splits * chunk
+
+
+def test_bench_attention_runs(tmp_path: Path) -> None:
+    import argparse
+
+    from kvpack.bench import attention as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--batches", "1", "--contexts", "300", "--kv-heads", "2", "--q-heads", "4",
+                              "--head-dim", "64", "--formats", "int8,int4", "--repeats", "1",
+                              "--out", str(tmp_path), "--no-plots", "--device", DEVICE])
+    assert bench.run(args) == 0
+    rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    methods = {r["method"]: r for r in rows}
+    assert set(methods) == {"sdpa-fp16", "kvpack-int8", "kvpack-int4", "dequant-sdpa-int8"}
+    assert all(r["status"] == "ok" and r["ms"] > 0 for r in rows)
+    assert methods["kvpack-int8"]["rel_error"] < TOLERANCE
+    assert methods["kvpack-int8"]["bytes"] < methods["sdpa-fp16"]["bytes"]
