@@ -332,27 +332,27 @@ def _finalize_kernel(
 @triton.jit
 def _channel_pipeline_kernel(
     x_ptr, codes_ptr, scale_ptr, zero_ptr, hi_ptr, lo_ptr, count_ptr,
-    T, D, DB, G, n_groups, n_dblocks, n_slabs, chunks,
+    T, D, DB, G, n_groups, n_dblocks, n_tasks, chunks, lag,
     BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
     FP8_EMIN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Channel-axis quantize of long groups in one launch, re-reading ``x`` from L2 rather than DRAM.
 
-    A slab is one group (G tokens) of one batch row times BLOCK_D channels, ``chunks`` tiles of
-    BLOCK_T tokens; slab ``i`` is ``(b * n_groups + group) * n_dblocks + channel block``. Each
-    program draws a ticket (the order programs start in) and takes the ``ticket``-th task: step
-    ``k`` interleaves the reduce tasks of slab ``k`` (max into ``hi``/``lo [n_slabs, BLOCK_D]``, then
-    one count in ``count_ptr[1 + slab]``) with the encode tasks of slab ``k - 1``, which wait for
-    their slab's count to reach ``chunks``, then quantize their tile while it is still in L2 (one
-    slab, ``G * BLOCK_D`` elements, sized to fit there beside the next). A task waits only for
-    tasks with smaller tickets, which have started and never wait, so this cannot deadlock whatever
-    the number of programs resident.
+    A slab is one group (G tokens) of one batch row times BLOCK_D channels, split in ``chunks``
+    tiles of BLOCK_T tokens; slab ``i`` is ``(b * n_groups + group) * n_dblocks + channel block``,
+    task ``i * chunks + chunk`` its tile. Each program draws a ticket (the order programs start in):
+    even tickets ``2k`` reduce tile ``k`` (max into ``hi``/``lo [slab, BLOCK_D]``, then one count in
+    ``count_ptr[1 + slab]``); odd tickets ``2k + 1`` encode tile ``k - lag``, once its slab's count
+    reaches ``chunks``, while the tile is still in L2 (``lag`` tiles back). With ``lag >= chunks`` a
+    task waits only for tasks with smaller tickets, which have started and never wait: no deadlock,
+    whatever the number of programs resident.
     """
     ticket = tl.atomic_add(count_ptr, 1).to(tl.int64)
-    chunk = (ticket % (2 * chunks)) // 2
     is_encode = ticket % 2
-    slab = ticket // (2 * chunks) - is_encode
-    if (slab >= 0) & (slab < n_slabs):
+    task = ticket // 2 - is_encode * lag
+    if (task >= 0) & (task < n_tasks):
+        slab = task // chunks
+        chunk = task % chunks
         bg = slab // n_dblocks
         col0 = (slab % n_dblocks) * BLOCK_D
         group_lo = (bg % n_groups) * G
@@ -628,12 +628,15 @@ def _launch_channel(
     consts = dict(BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps, **_meta(scheme))
     if tiles.pipelined and codes is not None:
         n_slabs, chunks = b * n_groups * n_dblocks, triton.cdiv(g, tiles.block_t)
+        # Encode a tile a slab plus one tile per SM after its reduction: its slab is then complete,
+        # and the tiles in between (what L2 must hold) stay few.
+        lag = chunks + _num_sms(x.device)
         hi = torch.full((n_slabs, tiles.block_d), 0.0 if scheme.symmetric else -math.inf, device=x.device)
         lo = hi if scheme.symmetric else torch.full_like(hi, math.inf)
         count = torch.zeros(1 + n_slabs, dtype=torch.int32, device=x.device)
-        _channel_pipeline_kernel[((n_slabs + 1) * 2 * chunks,)](
+        _channel_pipeline_kernel[(2 * (n_slabs * chunks + lag),)](
             x, codes, scale, scale if zero is None else zero, hi, lo, count,
-            t, d, db, g, n_groups, n_dblocks, n_slabs, chunks, **consts,
+            t, d, db, g, n_groups, n_dblocks, n_slabs * chunks, chunks, lag, **consts,
         )
         return
     grid = (b * n_groups * tiles.splits, n_dblocks)
