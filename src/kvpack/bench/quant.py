@@ -421,6 +421,7 @@ class _Bench:
         self.start = time.perf_counter()
         self.fixed_rate: float | None = None  # seconds per element of a configuration's fixed work
         self.remaining_elements = 0  # elements of the configurations after the current one
+        self.phases: list[dict[str, Any]] = []  # where each configuration's time went
 
     def _room(self) -> float:
         """Seconds left for rows other than the reference: the run budget minus the time used and the
@@ -586,6 +587,9 @@ class _Bench:
                 progress.update(1)
             return
         x_cpu = harness.synthetic((1, tokens, channels), s.dist, dtype, s.seed)
+        phase = {"config": f"{tokens}x{channels}", "dtype": harness.dtype_name(dtype)}
+        phase["input_s"] = time.perf_counter() - start
+        metrics_s = 0.0
         queries = harness.synthetic((_QUERIES, channels), "uniform", torch.float32, s.seed + 1)
         inputs = {torch.device("cpu"): x_cpu}
         if s.device.type == "cuda":
@@ -622,7 +626,9 @@ class _Bench:
                 timing, out = self._time(r, x, repeats, channels)
                 if r.reference:
                     ref, exact = out, True
+                    tick = time.perf_counter()
                     ref_errors = self._errors(x, out, queries)
+                    metrics_s += time.perf_counter() - tick
                     errors, source = ref_errors, "own output"
                     if n >= _RATE_MIN_ELEMENTS:
                         self.fixed_rate = (time.perf_counter() - start) / n
@@ -645,6 +651,8 @@ class _Bench:
             finally:
                 progress.update(1)
         self._derive(f"{tokens}x{channels}", harness.dtype_name(dtype))
+        phase.update(reference_metrics_s=metrics_s, total_s=time.perf_counter() - start)
+        self.phases.append({k: round(v, 2) if isinstance(v, float) else v for k, v in phase.items()})
 
     def _derive(self, config: str, dtype: str) -> None:
         """Speedups over the CPU baselines and fractions of the copy bandwidth, within one configuration."""
@@ -798,6 +806,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "skipped_backends": settings.skipped,
         "rows": [asdict(r) for r in bench.rows],
+        "phases": bench.phases,
     }
     harness.write_json(out / "results.json", results)
     harness.write_csv(out / "results.csv", results["rows"])

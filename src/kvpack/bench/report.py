@@ -307,6 +307,16 @@ def _conclusions(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _phases(results: dict[str, Any]) -> list[str]:
+    """Where each configuration's wall time went (inputs, the reference's error metrics, in all)."""
+    phases = results.get("phases") or []
+    if not phases:
+        return []
+    cols = ["config", "dtype", "input_s", "reference_metrics_s", "total_s"]
+    heads = ["config", "dtype", "input generation s", "error metrics s", "configuration total s"]
+    return ["## Where the time went", "", harness.markdown_table(phases, cols, heads), ""]
+
+
 def _skips(results: dict[str, Any]) -> list[str]:
     lines = ["## Skips and errors", ""]
     for r in results["rows"]:
@@ -324,7 +334,13 @@ def bench_report(results: dict[str, Any], notes: list[str]) -> str:
     rows = results["rows"]
     lines = _header(results)
     lines += (
-        _times(rows) + _bandwidth(rows) + _speedups(rows) + _errors(rows) + _paper(rows) + _skips(results)
+        _times(rows)
+        + _bandwidth(rows)
+        + _speedups(rows)
+        + _errors(rows)
+        + _paper(rows)
+        + _phases(results)
+        + _skips(results)
     )
     pngs = [n for n in notes if n.endswith(".png")]
     if pngs:
