@@ -223,6 +223,17 @@ def _encode_tile(
 
 
 @triton.jit
+def _grid_tile(n_rows, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The tile of program ``(i, j)`` over ``[n_rows, D]``: its flat rows, which exist, its first
+    channel, its channels, and which elements exist."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < n_rows
+    col0 = tl.program_id(1) * BLOCK_D
+    d = col0 + tl.arange(0, BLOCK_D)
+    return rows, row_ok, col0, d, row_ok[:, None] & (d < D)[None, :]
+
+
+@triton.jit
 def _scale_offsets(rows, d, T, G, sT, sD, CHANNEL: tl.constexpr):
     """Offsets into ``scale [B, sT, sD]`` of the elements (flat row ``b * T + t``, channel ``d``):
     ``[b, t // G, d]`` for channel-axis scales, ``[b, t, d // G]`` for token-axis ones."""
@@ -450,11 +461,7 @@ def _encode_kernel(
 ):
     """Codes of the tile (flat rows ``b * T + t``, channels) from the stored scales and zero points,
     either axis (``reference.encode``)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < n_rows
-    col0 = tl.program_id(1) * BLOCK_D
-    d = col0 + tl.arange(0, BLOCK_D)
-    mask = row_ok[:, None] & (d < D)[None, :]
+    rows, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
     x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
     offs = _scale_offsets(rows, d, T, G, sT, sD, CHANNEL)
     s = tl.load(scale_ptr + offs, mask=mask, other=1.0).to(tl.float32)
@@ -477,11 +484,7 @@ def _dequantize_kernel(
 ):
     """``x_hat = q * scale (+ zero)`` in float32, one rounding to the output dtype at the end
     (``reference.dequantize``); int4/int2 bytes unpacked low bits first."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < n_rows
-    col0 = tl.program_id(1) * BLOCK_D
-    d = col0 + tl.arange(0, BLOCK_D)
-    mask = row_ok[:, None] & (d < D)[None, :]
+    rows, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
     PER: tl.constexpr = 8 // BITS
     if PER == 1:
         q = tl.load(codes_ptr + rows[:, None] * DB + d[None, :], mask=mask).to(tl.float32)
