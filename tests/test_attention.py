@@ -240,6 +240,66 @@ def test_bad_arguments() -> None:
         decode(q, layer, scale=-1.0)
 
 
+# The interpreter runs the kernels' Python, not Triton's compiler: compile them for an H100 (sm_90) in a
+# fresh process, so that what only the compiler rejects shows up without a GPU.
+_COMPILE_FOR_H100 = """
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+import kvpack.triton.attention as kernels
+from kvpack.attention import _store
+from kvpack.cache import CACHE_PRESETS, QuantizedLayer
+
+launches = []
+
+class Capture:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: launches.append((self.fn, args, kwargs))
+
+kernels._decode_kernel = Capture(kernels._decode_kernel)
+kernels._combine_kernel = Capture(kernels._combine_kernel)
+cases = [(*CACHE_PRESETS[p], 128, torch.float16, None) for p in CACHE_PRESETS]
+cases += [("int8-channel-g40", "int4-channel", 96, torch.bfloat16, 40)]
+for key, value, d, dtype, group in cases:
+    layer = QuantizedLayer(key, value, residual=16, group=group)
+    layer.append(torch.randn(1, 2, 300, d, dtype=dtype), torch.randn(1, 2, 300, d, dtype=dtype))
+    q = torch.randn(1, 8, 2, d, dtype=dtype)
+    lengths = torch.tensor([290], dtype=torch.int32)
+    kernels.decode_attention(q, *_store(layer), layer.window_keys, layer.window_values, layer.num_quantized,
+                             layer.num_window, layer.key_scheme, layer.value_scheme, layer.group, 0.1,
+                             lengths, lengths)
+for fn, args, kwargs in launches:
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    signature, attrs = {}, {}
+    for i, (name, arg) in enumerate(zip(fn.arg_names, args)):
+        signature[name] = mangle_type(arg)
+        aligned = isinstance(arg, torch.Tensor) or (isinstance(arg, int) and arg % 16 == 0)
+        if aligned and name not in fn.do_not_specialize:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    signature.update(dict.fromkeys(kwargs, "constexpr"))
+    triton.compile(ASTSource(fn, signature, kwargs, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+print("compiled", len(launches))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_kernels_compile_for_h100() -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("compiled")
+
+
 # --------------------------------------------------------------------------------------- GPU sizes
 
 @requires_cuda
