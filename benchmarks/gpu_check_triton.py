@@ -322,10 +322,12 @@ def stage_tune(pipelined_ok: bool) -> None:
     x32 = _random(BIG, torch.float32, 0)
     x16 = x32.half()
     int8 = parse("int8-channel")
-    split = [(32, 256, 33, 8), (16, 512, 33, 8), (64, 128, 33, 8), (32, 256, 66, 8), (16, 256, 33, 4)]
+    split = [(32, 256, 33, 8, None), (16, 512, 33, 8, None), (64, 128, 33, 8, None), (32, 256, 66, 8, None),
+             (16, 256, 33, 4, None), (32, 256, 33, 8, 1), (32, 256, 33, 8, 2)]
     pipelined = [(256, 32, 8), (128, 32, 4), (512, 16, 8), (256, 16, 4), (128, 64, 8), (64, 64, 4)]
     candidates: list[tuple[str, torch.Tensor, Scheme, list[Tiles]]] = [
-        ("quantize split", x32, int8, [Tiles(bt, bd, splits=n, num_warps=w) for bt, bd, n, w in split]),
+        ("quantize split", x32, int8,
+         [Tiles(bt, bd, splits=n, num_warps=w, num_stages=st) for bt, bd, n, w, st in split]),
         ("quantize g128 fp16", x16, parse("int8-channel-g128"),
          [Tiles(128, bd, num_warps=w) for bd, w in ((16, 4), (32, 4), (64, 8), (128, 8), (64, 4))]),
         ("quantize token fp16", x16, parse("int8-token"),

@@ -61,6 +61,8 @@ class Tiles:
             they write partial results that a second kernel folds, and the codes need a second
             read of ``x``.
         num_warps: warps per program.
+        num_stages: software-pipelining depth of the kernels' loops over tokens or channels (None:
+            Triton's default).
         pipelined: channel-axis quantize only: one launch that reduces a slab of ``block_d``
             channels and encodes it from L2 while the next slab streams in (see
             ``_channel_pipeline_kernel``), instead of ``splits``.
@@ -70,7 +72,14 @@ class Tiles:
     block_d: int
     splits: int = 1
     num_warps: int = 4
+    num_stages: int | None = None
     pipelined: bool = False
+
+    @property
+    def launch(self) -> dict:
+        """The launch options of these tiles."""
+        stages = {} if self.num_stages is None else {"num_stages": self.num_stages}
+        return {"num_warps": self.num_warps, **stages}
 
     def __post_init__(self) -> None:
         for name, low in (("block_t", 1), ("block_d", 8)):
@@ -81,6 +90,8 @@ class Tiles:
             raise ValueError(f"splits must be >= 1 (and 1 when pipelined), got {self.splits}")
         if self.num_warps not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"num_warps must be a power of two up to 32, got {self.num_warps}")
+        if self.num_stages is not None and self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -628,7 +639,7 @@ def _launch_channel(
     g, n_groups = scheme.group_size(t, d), scale.shape[1]
     db = scheme.code_shape(t, d)[1]
     n_dblocks = triton.cdiv(d, tiles.block_d)
-    consts = dict(BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps, **_meta(scheme))
+    consts = dict(BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, **tiles.launch, **_meta(scheme))
     if tiles.pipelined and codes is not None:
         n_slabs, chunks = b * n_groups * n_dblocks, triton.cdiv(g, tiles.block_t)
         # Encode a tile a slab plus one tile per SM after its reduction: its slab is then complete,
@@ -678,7 +689,7 @@ def _launch_token(
         x, scale if codes is None else codes, scale, scale if zero is None else zero,
         n_pairs, d, scheme.code_shape(t, d)[1], g, n_groups,
         BLOCK_R=tiles.block_t, BLOCK_G=tiles.block_d, ONE_CHUNK=g <= tiles.block_d,
-        ENCODE=codes is not None and not straddle, num_warps=tiles.num_warps, **_meta(scheme),
+        ENCODE=codes is not None and not straddle, **tiles.launch, **_meta(scheme),
     )
     if codes is not None and straddle:
         _launch_encode(x, codes, scale, zero, scheme, _grid_tiles(b * t, d))
@@ -693,7 +704,7 @@ def _launch_encode(
         x, codes, scale, scale if zero is None else zero,
         b * t, t, d, codes.shape[2], scheme.group_size(t, d), scale.shape[1], scale.shape[2],
         CHANNEL=scheme.axis == "channel", BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
-        num_warps=tiles.num_warps, **_meta(scheme),
+        **tiles.launch, **_meta(scheme),
     )
 
 
@@ -797,6 +808,6 @@ def dequantize(
         b * t, t, channels, codes.shape[2], scheme.group_size(t, channels), scale.shape[1], scale.shape[2],
         BITS=scheme.bits, SYMMETRIC=scheme.symmetric, CHANNEL=scheme.axis == "channel",
         OUT_BF16=dtype == torch.bfloat16, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
-        num_warps=tiles.num_warps, enable_fp_fusion=False,
+        enable_fp_fusion=False, **tiles.launch,
     )
     return out
