@@ -48,7 +48,7 @@ _QUERIES = 16  # random queries averaged in the attention-score error
 _WARMUP_ELEMENTS = 1 << 20  # size of the CPU warm-up slice (JIT compilation, per-element estimate)
 _DEFAULT_OUT = "kvpack-results"
 _CPU_BUDGET = 180.0  # default run budget on the CPU, seconds
-_RATE_MIN_ELEMENTS = 1 << 24  # smallest configuration whose cost per element predicts larger ones
+_FIT_MIN_ELEMENTS = 1 << 22  # smallest configuration whose fixed cost helps predict larger ones
 
 
 @dataclass
@@ -419,8 +419,8 @@ class _Bench:
         self.rows: list[Row] = []
         self.seconds_per_element: dict[str, tuple[float, str]] = {}
         self.start = time.perf_counter()
-        self.fixed_rate: float | None = None  # seconds per element of a configuration's fixed work
-        self.remaining_elements = 0  # elements of the configurations after the current one
+        self.fixed: list[tuple[int, float]] = []  # (elements, seconds) of each configuration's fixed work
+        self.remaining: list[int] = []  # elements of the configurations after the current one
         self.phases: list[dict[str, Any]] = []  # where each configuration's time went
 
     def _room(self) -> float:
@@ -428,8 +428,19 @@ class _Bench:
         predicted fixed work (input, copy, reference, metrics) of the configurations still to come."""
         if not self.s.budget:
             return math.inf
-        reserve = (self.fixed_rate or 0.0) * self.remaining_elements
+        reserve = sum(self._fixed_cost(n) for n in self.remaining)
         return self.s.budget - (time.perf_counter() - self.start) - reserve
+
+    def _fixed_cost(self, n: int) -> float:
+        """Predicted fixed work of a configuration of ``n`` elements: a line (a per-configuration
+        overhead plus a cost per element) through the last two configurations of at least 2^22
+        elements; 0 until there are two (the smaller configurations cost little)."""
+        points = [p for p in self.fixed if p[0] >= _FIT_MIN_ELEMENTS][-2:]
+        if len(points) < 2:
+            return 0.0
+        (n1, t1), (n2, t2) = points
+        slope = (t2 - t1) / (n2 - n1) if n2 > n1 and t2 > t1 else t2 / n2
+        return max(t2 + slope * (n - n2), 0.0)
 
     def _row(
         self, tokens: int, channels: int, dtype: torch.dtype, label: str, device: torch.device, **kw: Any
@@ -630,8 +641,7 @@ class _Bench:
                     ref_errors = self._errors(x, out, queries)
                     metrics_s += time.perf_counter() - tick
                     errors, source = ref_errors, "own output"
-                    if n >= _RATE_MIN_ELEMENTS:
-                        self.fixed_rate = (time.perf_counter() - start) / n
+                    self.fixed.append((n, time.perf_counter() - start))
                 elif ref is None:
                     exact, errors, source = None, self._errors(x, out, queries), "own output"
                 else:
@@ -787,7 +797,7 @@ def run(args: argparse.Namespace) -> int:
         tqdm(total=total, desc="kvpack bench", unit="row", file=sys.stderr, mininterval=1.0) as progress,
     ):
         for i, (tokens, channels, dtype) in enumerate(settings.configs):
-            bench.remaining_elements = sum(t * d for t, d, _ in settings.configs[i + 1 :])
+            bench.remaining = [t * d for t, d, _ in settings.configs[i + 1 :]]
             bench.config(tokens, channels, dtype, progress)
     env["seconds"] = round(time.perf_counter() - start, 1)
     results = {
