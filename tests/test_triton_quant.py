@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
 
 import pytest
@@ -233,6 +234,58 @@ def test_bad_input_is_refused() -> None:
         quant.dequantize(codes, scale, zero, scheme, 16, torch.int8)
     with pytest.raises(ValueError, match="power of two"):
         Tiles(3, 8)
+
+
+# The interpreter runs the kernels as Python, not through Triton's compiler: compile every kernel
+# variant the launchers ask for, for an H100 (sm_90), in a fresh process where the kernels are compiled
+# ones (the interpreter variable is set only after the import, so that the launchers take CPU tensors).
+_COMPILE_FOR_SM90 = """
+import os
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import mangle_type
+from kvpack.schemes import parse
+from kvpack.triton import quant
+
+os.environ["TRITON_INTERPRET"] = "1"
+launches = {}
+for name in ("_channel_kernel", "_channel_pipeline_kernel", "_finalize_kernel", "_token_kernel",
+             "_encode_kernel", "_dequantize_kernel"):
+    fn = getattr(quant, name)
+    record = lambda *args, fn=fn, **kwargs: launches.setdefault(
+        (fn.__name__, tuple(map(mangle_type, args)), tuple(sorted(kwargs.items()))), (fn, args, kwargs))
+    setattr(quant, name, type("Capture", (), {"__getitem__": lambda self, grid, record=record: record})())
+T = quant.Tiles
+# Every format on float32 with each launch path; the 16-bit dtypes on the default path of a few.
+paths = (None, T(16, 16, splits=3), T(16, 16, pipelined=True))
+cases = [(f, torch.float32, t) for f in FORMATS for t in paths]
+cases += [(f, d, None) for f in FORMATS[::3] for d in (torch.float16, torch.bfloat16)]
+for fmt, dtype, tiles in cases:
+    scheme = parse(fmt)
+    x = torch.randn(2, 64, 48, dtype=dtype)
+    codes, scale, zero = quant.quantize(x, scheme, tiles)
+    quant.compute_scales(x, scheme, tiles)
+    quant.encode(x, scheme, scale, zero, tiles)
+    quant.dequantize(codes, scale, zero, scheme, 48, dtype, tiles)
+target = GPUTarget("cuda", 90, 32)
+for fn, args, kwargs in launches.values():
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
+    signature = dict(zip(fn.arg_names, map(mangle_type, args)), **dict.fromkeys(kwargs, "constexpr"))
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(args)
+               if isinstance(a, torch.Tensor) or (isinstance(a, int) and a % 16 == 0)}
+    triton.compile(ASTSource(fn, signature, kwargs, aligned), target=target, options=options)
+print("compiled", len(launches))
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"FORMATS = {FORMATS!r}\n{_COMPILE_FOR_SM90}"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("compiled")
 
 
 # ---- GPU: full sizes ----------------------------------------------------------------------------
