@@ -7,13 +7,13 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT/results"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-kvpack() { python3 -c 'import sys; from kvpack.cli import main; sys.exit(main())' "$@"; }
+kvpack=(python3 -W ignore -c 'import sys; from kvpack.cli import main; sys.exit(main())')
 
 stage() {
   local name=$1; shift
   local t0=$SECONDS
   echo "=== $name"
-  "$@" > "$OUT/$name.log" 2>&1
+  timeout "${STAGE_TIMEOUT:-580}" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 40 "$OUT/$name.log"
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
@@ -23,15 +23,16 @@ for s in "$@"; do
   case $s in
     env) stage env bash -c 'nvidia-smi; python3 -c "import torch, triton, transformers, cupy; print(torch.__version__, triton.__version__, transformers.__version__, cupy.__version__, torch.cuda.get_device_name())"' ;;
     tests) stage tests python3 -m pytest -q -x -rs -p no:cacheprovider tests ;;
-    gpu-tests) stage gpu-tests python3 -m pytest -q -rs -p no:cacheprovider -m gpu tests ;;
+    gpu-tests) stage gpu-tests python3 -m pytest -q -rs -p no:cacheprovider -n 4 tests/test_triton_quant.py \
+      tests/test_custom_ops.py tests/test_attention.py tests/test_hf_attention.py tests/test_bench.py tests/test_cache.py tests/test_hf.py ;;
     cuda) stage cuda python3 benchmarks/gpu_check_cuda.py ;;
     triton) stage triton python3 benchmarks/gpu_check_triton.py ;;
     attention) stage attention python3 benchmarks/gpu_check_attention.py ;;
-    bench) stage bench kvpack bench --out "$OUT/results/bench" ;;
-    bench-large) stage bench-large kvpack bench --large --out "$OUT/results/bench-large" ;;
-    bench-attention) stage bench-attention kvpack bench-attention --out "$OUT/results/attention" ;;
-    e2e) stage e2e kvpack bench-attention --e2e --out "$OUT/results/e2e" ;;
-    eval) stage eval kvpack eval --model smollm2-135m --out "$OUT/results/eval" ;;
+    bench) stage bench "${kvpack[@]}" bench --out "$OUT/results/bench" ;;
+    bench-large) stage bench-large "${kvpack[@]}" bench --large --out "$OUT/results/bench-large" ;;
+    bench-attention) stage bench-attention "${kvpack[@]}" bench-attention --out "$OUT/results/attention" ;;
+    e2e) stage e2e "${kvpack[@]}" bench-attention --e2e --out "$OUT/results/e2e" ;;
+    eval) stage eval "${kvpack[@]}" eval --model smollm2-135m --out "$OUT/results/eval" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
