@@ -25,6 +25,7 @@ import torch
 
 from kvpack.backends import Backend
 from kvpack.cache import CACHE_PRESETS, QuantizedLayer, block_scheme, cache_formats, check_head_dim
+from kvpack.schemes import Scheme
 
 try:
     from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
@@ -162,8 +163,10 @@ class QuantizedKVCache(Cache):
         backend: kvpack backend for quantize/dequantize (``"auto"``).
         attention: ``"dequantize"`` or ``"fused"`` (see the module doc); None picks ``"fused"`` when the
             model's attention implementation is kvpack's.
-        max_length: if known, the longest sequence the cache will hold: the quantized store is then
-            allocated once, exactly (otherwise it grows by 1.5x past the prompt).
+        max_length: if known, the longest sequence the cache will hold (prompt + new tokens): the
+            quantized store is then allocated once, exactly. Otherwise it is sized exactly by the prompt
+            and grows by 1.5x when decoding passes it, so ``nbytes`` (allocated bytes) can exceed the
+            bytes of the valid tokens by up to half the quantized store.
 
     Raises:
         ValueError: unknown format, a group size that does not fit the head dimension or the block, or a
@@ -173,8 +176,8 @@ class QuantizedKVCache(Cache):
     def __init__(
         self,
         config: Any,
-        key_format: str | None = None,
-        value_format: str | None = None,
+        key_format: str | Scheme | None = None,
+        value_format: str | Scheme | None = None,
         residual: int = 128,
         group: int | None = None,
         backend: Backend | str = "auto",
