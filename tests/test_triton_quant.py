@@ -250,8 +250,7 @@ from kvpack.triton import quant
 
 os.environ["TRITON_INTERPRET"] = "1"
 launches = {}
-for name in ("_channel_kernel", "_channel_pipeline_kernel", "_finalize_kernel", "_token_kernel",
-             "_encode_kernel", "_dequantize_kernel"):
+for name in [n for n in vars(quant) if n.endswith("_kernel")]:
     fn = getattr(quant, name)
     record = lambda *args, fn=fn, **kwargs: launches.setdefault(
         (fn.__name__, tuple(map(mangle_type, args)), tuple(sorted(kwargs.items()))), (fn, args, kwargs))

@@ -18,7 +18,9 @@ How each format is computed:
 - token-axis scales (reduced over channels): ``_token_kernel``, one tile row per (token, group) pair,
   one pass. When int4/int2 groups end inside a byte (a group size that ``per_byte`` does not divide),
   ``_encode_kernel`` writes the codes from the stored scales instead.
-- ``_encode_kernel`` / ``_dequantize_kernel``: codes from given scales and back, either axis.
+- ``_encode_kernel`` / ``_dequantize_kernel``: codes from given scales and back, either axis, each
+  element's scale looked up by its indices; ``_token_dequantize_kernel`` dequantizes token-axis
+  formats in the tiles of ``_token_kernel``, one scale load per group.
 
 Numerics are the reference's: float32 arithmetic, IEEE division (``tl.div_rn``), round half to even
 (``_rint``), FP8 rounding to nearest even on the FP8 grid done in float32 (``_fp8_round``) so that the
@@ -220,6 +222,36 @@ def _store_codes(
         q3 = tl.reshape(q, (BLOCK_R, BLOCK_C // PER, PER))
         shifts = tl.arange(0, PER) * BITS
         tl.store(ptrs, tl.sum(q3 << shifts[None, None, :], axis=2).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _load_codes(
+    codes_ptr, base, limit, row_ok, BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    """The inverse of :func:`_store_codes`: codes ``[BLOCK_R, BLOCK_C]`` as float32 from the bytes
+    ``codes_ptr + base[r] + j`` (``j < limit``), unpacked low bits first; undefined where masked."""
+    PER: tl.constexpr = 8 // BITS
+    j = tl.arange(0, BLOCK_C // PER)
+    byte = tl.load(codes_ptr + base[:, None] + j[None, :], mask=row_ok[:, None] & (j[None, :] < limit))
+    if PER == 1:
+        q = byte.to(tl.float32)
+    else:
+        shifts = tl.arange(0, PER) * BITS
+        q3 = (byte.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+        q = tl.reshape(q3, (BLOCK_R, BLOCK_C)).to(tl.float32)
+    return q
+
+
+@triton.jit
+def _dequantize_values(q, s, z, SYMMETRIC: tl.constexpr, OUT_BF16: tl.constexpr):
+    """``q * s (+ z)`` in float32 (the launch disables FMA contraction: two roundings, as torch),
+    bfloat16 outputs rounded to nearest even before their cast."""
+    y = q * s
+    if not SYMMETRIC:
+        y = y + z
+    if OUT_BF16:
+        y = _bf16_round(y)
+    return y
 
 
 @triton.jit
@@ -493,25 +525,46 @@ def _dequantize_kernel(
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, CHANNEL: tl.constexpr, OUT_BF16: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``x_hat = q * scale (+ zero)`` in float32, one rounding to the output dtype at the end
-    (``reference.dequantize``); int4/int2 bytes unpacked low bits first."""
+    """``x_hat = q * scale (+ zero)`` of the tile (flat rows, channels), either axis
+    (``reference.dequantize``); each element's scale is looked up by its indices."""
     rows, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
     PER: tl.constexpr = 8 // BITS
-    if PER == 1:
-        q = tl.load(codes_ptr + rows[:, None] * DB + d[None, :], mask=mask).to(tl.float32)
-    else:
-        j = col0 // PER + tl.arange(0, BLOCK_D // PER)
-        byte = tl.load(codes_ptr + rows[:, None] * DB + j[None, :], mask=row_ok[:, None] & (j < DB)[None, :])
-        shifts = tl.arange(0, PER) * BITS
-        q3 = (byte.to(tl.int32)[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-        q = tl.reshape(q3, (BLOCK_T, BLOCK_D)).to(tl.float32)
+    q = _load_codes(codes_ptr, rows * DB + col0 // PER, DB - col0 // PER, row_ok, BITS, BLOCK_T, BLOCK_D)
     offs = _scale_offsets(rows, d, T, G, sT, sD, CHANNEL)
-    y = q * tl.load(scale_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    s = tl.load(scale_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    z = s
     if not SYMMETRIC:
-        y = y + tl.load(zero_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if OUT_BF16:
-        y = _bf16_round(y)
+        z = tl.load(zero_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = _dequantize_values(q, s, z, SYMMETRIC, OUT_BF16)
     tl.store(out_ptr + rows[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _token_dequantize_kernel(
+    codes_ptr, scale_ptr, zero_ptr, out_ptr,
+    n_pairs, D, DB, G, n_groups,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, OUT_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Token-axis dequantize in the tiles of :func:`_token_kernel`: one (token, group) pair per tile
+    row, so that its scale and zero point are one load each (no byte may hold two groups)."""
+    p = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    p_ok = p < n_pairs
+    row = p // n_groups
+    start = (p % n_groups) * G
+    length = tl.minimum(G, D - start)
+    s = tl.load(scale_ptr + p, mask=p_ok, other=1.0).to(tl.float32)[:, None]
+    z = s
+    if not SYMMETRIC:
+        z = tl.load(zero_ptr + p, mask=p_ok, other=0.0).to(tl.float32)[:, None]
+    PER: tl.constexpr = 8 // BITS
+    for k0 in range(0, G, BLOCK_G):
+        k = k0 + tl.arange(0, BLOCK_G)
+        limit = ((length - k0 + PER - 1) // PER)[:, None]
+        q = _load_codes(codes_ptr, row * DB + (start + k0) // PER, limit, p_ok, BITS, BLOCK_R, BLOCK_G)
+        y = _dequantize_values(q, s, z, SYMMETRIC, OUT_BF16)
+        mask = p_ok[:, None] & (k[None, :] < length[:, None])
+        tl.store(out_ptr + (row * D + start)[:, None] + k[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -677,6 +730,11 @@ def _launch_channel(
         _launch_encode(x, codes, scale, zero, scheme, tiles)
 
 
+def _straddles(scheme: Scheme, group: int, n_groups: int) -> bool:
+    """Whether some byte of packed codes holds two token-axis groups."""
+    return n_groups > 1 and group % scheme.per_byte != 0
+
+
 def _launch_token(
     x: torch.Tensor, codes: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor | None,
     scheme: Scheme, tiles: Tiles,
@@ -684,7 +742,7 @@ def _launch_token(
     b, t, d = x.shape
     g, n_groups = scheme.group_size(t, d), scale.shape[2]
     n_pairs = b * t * n_groups
-    straddle = n_groups > 1 and g % scheme.per_byte != 0
+    straddle = _straddles(scheme, g, n_groups)
     _token_kernel[(triton.cdiv(n_pairs, tiles.block_t),)](
         x, scale if codes is None else codes, scale, scale if zero is None else zero,
         n_pairs, d, scheme.code_shape(t, d)[1], g, n_groups,
@@ -802,12 +860,19 @@ def dequantize(
     _check_part(codes, "codes", (b, *scheme.code_shape(t, channels)), scheme.code_dtype, codes.device)
     _check_scales(scale, zero, scheme, (b, t, channels), codes.device)
     out = _empty((b, t, channels), dtype, codes.device)
+    g, (st, sd) = scheme.group_size(t, channels), scale.shape[1:]
+    consts = dict(BITS=scheme.bits, SYMMETRIC=scheme.symmetric, OUT_BF16=dtype == torch.bfloat16)
+    if scheme.axis == "token" and not _straddles(scheme, g, sd):
+        tiles = tiles or _token_tiles(b * t * sd, g)
+        _token_dequantize_kernel[(triton.cdiv(b * t * sd, tiles.block_t),)](
+            codes, scale, scale if zero is None else zero, out, b * t * sd, channels, codes.shape[2], g, sd,
+            BLOCK_R=tiles.block_t, BLOCK_G=tiles.block_d, enable_fp_fusion=False, **tiles.launch, **consts,
+        )
+        return out
     tiles = tiles or _grid_tiles(b * t, channels)
     _dequantize_kernel[(triton.cdiv(b * t, tiles.block_t), triton.cdiv(channels, tiles.block_d))](
-        codes, scale, scale if zero is None else zero, out,
-        b * t, t, channels, codes.shape[2], scheme.group_size(t, channels), scale.shape[1], scale.shape[2],
-        BITS=scheme.bits, SYMMETRIC=scheme.symmetric, CHANNEL=scheme.axis == "channel",
-        OUT_BF16=dtype == torch.bfloat16, BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
-        enable_fp_fusion=False, **tiles.launch,
+        codes, scale, scale if zero is None else zero, out, b * t, t, channels, codes.shape[2], g, st, sd,
+        CHANNEL=scheme.axis == "channel", BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
+        enable_fp_fusion=False, **tiles.launch, **consts,
     )
     return out
