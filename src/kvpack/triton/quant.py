@@ -5,7 +5,7 @@ Tensors are 3-D and contiguous: ``x [B, T, D]`` (float32, float16 or bfloat16), 
 
 How each format is computed:
 
-- channel-axis scales (reduced over tokens) in groups of at most 1024 tokens (``int8-channel-g128``,
+- channel-axis scales (reduced over tokens) in groups of at most 512 tokens (``int8-channel-g128``,
   or a short sequence): ``_channel_kernel``, one program per (group, block of channels), reduces and
   encodes in one pass over ``x``; a group that fits one tile is encoded from registers, a larger one
   from the L1/L2 copy the reduction just brought in.
@@ -46,7 +46,7 @@ _FP8_GRID = {"e4m3": (3, -6), "e5m2": (2, -14)}
 #: Elements per tile in the default tile shapes: 32 KB of float32, 32 per thread at 8 warps.
 _TILE = 8192
 #: Channel-axis groups of up to this many tokens are reduced and encoded by one program.
-_ONE_PASS_TOKENS = 1024
+_ONE_PASS_TOKENS = 512
 #: Inputs larger than this (beyond L2) are quantized per channel by the pipelined kernel by default.
 _PIPELINE_BYTES = 64 << 20
 
