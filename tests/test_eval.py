@@ -95,11 +95,33 @@ def test_bad_arguments_exit_2_with_a_message(model_dir, capsys, argv, match):
     assert match in capsys.readouterr().err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("kvpack.hf_attention") is not None,
-                    reason="kvpack's fused attention is installed")
-def test_fused_attention_missing_is_a_clear_error(model_dir, capsys):
+def test_fused_attention_missing_is_a_clear_error(model_dir, capsys, monkeypatch):
+    real = kv_eval.importlib.import_module
+
+    def without_hf_attention(name, *args):
+        if name == "kvpack.hf_attention":
+            raise ImportError("no module named kvpack.hf_attention")
+        return real(name, *args)
+
+    monkeypatch.setattr(kv_eval.importlib, "import_module", without_hf_attention)
     assert kv_eval.run(parse("--model", model_dir, "--tokens", "50", "--attention", "fused")) == 2
     assert "kvpack.hf_attention" in capsys.readouterr().err
+
+
+def test_fused_attention_gives_the_dequantize_perplexity(model_dir, monkeypatch):
+    """bfloat16 and chunks of 16 tokens: the quantized caches attend through kvpack's decode attention."""
+    hf_attention = pytest.importorskip("kvpack.hf_attention")
+    calls = []
+    decode = hf_attention.fused
+    monkeypatch.setattr(hf_attention, "fused", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    model, tokenizer, _ = kv_eval.load_model(model_dir, torch.device("cpu"), torch.bfloat16)
+    ids = kv_eval.token_ids(tokenizer, kv_eval.default_text().read_text(), 200)
+    runs = {att: kv_eval.evaluate(model, ids, ["int8", "int4"], chunk=16, residual=32, attention=att,
+                                  progress=False) for att in ("dequantize", "fused")}
+    assert model.config._attn_implementation != "kvpack"
+    assert len(calls) == 2 * 2 * 13  # 2 formats x 2 layers x 13 chunks
+    for plain, fused in zip(runs["dequantize"], runs["fused"], strict=True):
+        assert fused.perplexity == pytest.approx(plain.perplexity, rel=1e-3)
 
 
 def test_smollm2_needs_its_package(monkeypatch):

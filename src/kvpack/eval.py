@@ -159,11 +159,14 @@ def evaluate(
     fused = attention == "fused"
     if fused:
         try:
-            importlib.import_module("kvpack.hf_attention")
+            hf_attention = importlib.import_module("kvpack.hf_attention")
         except ImportError as err:
             raise ValueError(
                 f"--attention fused needs kvpack's attention function (kvpack.hf_attention): {err}"
             ) from None
+        if chunk > hf_attention.MAX_DECODE_QUERIES:
+            print(f"kvpack eval: chunks of {chunk} tokens attend through the prefill path; --chunk "
+                  f"{hf_attention.MAX_DECODE_QUERIES} or less runs the fused decode kernel", file=sys.stderr)
     length = ids.shape[1]
     streams = [_Stream("baseline", DynamicCache(config=model.config), False, None)]
     for spec in formats:

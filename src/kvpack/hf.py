@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import torch
 
+import kvpack.hf_attention  # noqa: F401  (registers attn_implementation="kvpack" with transformers)
 from kvpack.backends import Backend
 from kvpack.cache import CACHE_PRESETS, QuantizedLayer, block_scheme, cache_formats, check_head_dim
 from kvpack.schemes import Scheme
