@@ -306,15 +306,19 @@ def test_cache_formats():
 def test_storage_on_the_inputs_device_and_nbytes_is_what_cuda_allocates():
     torch.manual_seed(7)
     x = torch.randn(2, 4, 1000, 128, device="cuda", dtype=torch.float16)
-    torch.cuda.synchronize()
-    layer = QuantizedLayer("int8-channel-g64", "int8-token", residual=128)
-    layer.append(x[:, :, :1], x[:, :, :1])
-    before = torch.cuda.memory_allocated() - layer.nbytes
-    layer.append(x[:, :, 1:], x[:, :, 1:])
-    torch.cuda.synchronize()
+    for _ in range(2):  # the first pass warms up whatever the kernels cache
+        layer = None
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        layer = QuantizedLayer("int8-channel-g64", "int8-token", residual=128)
+        layer.append(x[:, :, :900], x[:, :, :900])
+        for i in range(900, 1000):
+            layer.append(x[:, :, i : i + 1], x[:, :, i : i + 1])
+        torch.cuda.synchronize()
+        grown = torch.cuda.memory_allocated() - before
     held = layer._held()
     assert all(t.device == x.device for t in held)
-    assert abs(torch.cuda.memory_allocated() - before - layer.nbytes) <= 512 * len(held)
+    assert abs(grown - layer.nbytes) <= 512 * len(held)
     k, _ = layer.dequantized()
     torch.testing.assert_close(k.cpu(), expected(x.cpu(), layer.key_scheme, 64, layer.num_quantized),
                                rtol=0, atol=0)

@@ -285,7 +285,7 @@ def test_bad_arguments(config, kwargs, match):
 
 
 @requires_cuda
-def test_generate_on_the_gpu(gqa_model):
+def test_generate_on_the_gpu():
     model = LlamaForCausalLM(tiny_config()).to("cuda", torch.float16).eval()
     ids = torch.randint(3, VOCAB, (2, 100), device="cuda")
     cache = int8_cache(model)
