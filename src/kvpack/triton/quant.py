@@ -266,6 +266,17 @@ def _encode_tile(
 
 
 @triton.jit
+def _load_scales(scale_ptr, zero_ptr, offs, mask, SYMMETRIC: tl.constexpr):
+    """Scales and zero points at ``offs`` as float32 (the zero point of a symmetric format is unused,
+    returned as the scale)."""
+    s = tl.load(scale_ptr + offs, mask=mask, other=1.0).to(tl.float32)
+    z = s
+    if not SYMMETRIC:
+        z = tl.load(zero_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
 def _grid_tile(n_rows, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """The tile of program ``(i, j)`` over ``[n_rows, D]``: its flat rows, which exist, its first
     channel, its channels, and which elements exist."""
@@ -506,11 +517,7 @@ def _encode_kernel(
     either axis (``reference.encode``)."""
     rows, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
     x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    offs = _scale_offsets(rows, d, T, G, sT, sD, CHANNEL)
-    s = tl.load(scale_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-    z = s
-    if not SYMMETRIC:
-        z = tl.load(zero_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s, z = _load_scales(scale_ptr, zero_ptr, _scale_offsets(rows, d, T, G, sT, sD, CHANNEL), mask, SYMMETRIC)
     PER: tl.constexpr = 8 // BITS
     _encode_tile(
         codes_ptr, x, mask, s, z, rows * DB + col0 // PER, DB - col0 // PER, row_ok,
@@ -530,11 +537,7 @@ def _dequantize_kernel(
     rows, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
     PER: tl.constexpr = 8 // BITS
     q = _load_codes(codes_ptr, rows * DB + col0 // PER, DB - col0 // PER, row_ok, BITS, BLOCK_T, BLOCK_D)
-    offs = _scale_offsets(rows, d, T, G, sT, sD, CHANNEL)
-    s = tl.load(scale_ptr + offs, mask=mask, other=1.0).to(tl.float32)
-    z = s
-    if not SYMMETRIC:
-        z = tl.load(zero_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s, z = _load_scales(scale_ptr, zero_ptr, _scale_offsets(rows, d, T, G, sT, sD, CHANNEL), mask, SYMMETRIC)
     y = _dequantize_values(q, s, z, SYMMETRIC, OUT_BF16)
     tl.store(out_ptr + rows[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -553,10 +556,8 @@ def _token_dequantize_kernel(
     row = p // n_groups
     start = (p % n_groups) * G
     length = tl.minimum(G, D - start)
-    s = tl.load(scale_ptr + p, mask=p_ok, other=1.0).to(tl.float32)[:, None]
-    z = s
-    if not SYMMETRIC:
-        z = tl.load(zero_ptr + p, mask=p_ok, other=0.0).to(tl.float32)[:, None]
+    s, z = _load_scales(scale_ptr, zero_ptr, p, p_ok, SYMMETRIC)
+    s, z = s[:, None], z[:, None]
     PER: tl.constexpr = 8 // BITS
     for k0 in range(0, G, BLOCK_G):
         k = k0 + tl.arange(0, BLOCK_G)
