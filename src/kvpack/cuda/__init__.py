@@ -131,12 +131,12 @@ def _sizes(*sizes: int) -> tuple[np.int64, ...]:
 
 def scale_geometry(b: int, t: int, d: int, sms: int) -> tuple[Grid, Block, int]:
     """``(grid, block, split_tokens)`` of ``absmax_partial``: a block is 256 threads, a power of
-    two from 32 to 256 channels wide; the tokens are cut into splits (grid y, at most 64) until
+    two from 32 to 256 channels wide; the tokens are cut into splits (grid y, at most 1024) until
     the grid fills the GPU's ``sms`` multiprocessors several times over."""
     rx = min(_BLOCK_THREADS, max(32, 1 << (d - 1).bit_length()))
     ry = _BLOCK_THREADS // rx
     gx, gz = _cdiv(d, rx), min(b, _MAX_GRID_YZ)
-    most = max(1, min(64, _cdiv(t, ry * _MIN_TOKENS_PER_THREAD)))
+    most = max(1, min(1024, _cdiv(t, ry * _MIN_TOKENS_PER_THREAD)))
     splits = min(most, _cdiv(_WAVES * _BLOCKS_PER_SM * sms, gx * gz))
     split_tokens = _cdiv(t, splits)
     return (gx, _cdiv(t, split_tokens), gz), (rx, ry), split_tokens
