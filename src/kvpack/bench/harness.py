@@ -60,7 +60,7 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
     configs = [parse_shape(part) for part in text.split(",") if part.strip()]
     if not configs:
         raise ValueError("no configurations given: expected e.g. --configs 2048x128,131072x1024")
-    return configs  # type: ignore[return-value]
+    return [(tokens, channels) for tokens, channels in configs]
 
 
 def parse_dtype(name: str) -> torch.dtype:
