@@ -424,11 +424,19 @@ class _Bench:
         self.phases: list[dict[str, Any]] = []  # where each configuration's time went
 
     def _room(self) -> float:
-        """Seconds left for rows other than the reference: the run budget minus the time used and the
-        predicted fixed work (input, copy, reference, metrics) of the configurations still to come."""
+        """Seconds left for a row other than the reference: the run budget minus the time used and what
+        the configurations still to come are predicted to need: their fixed work (input, copy,
+        reference, metrics) and one repetition of each other row that fits the row budget there. The
+        larger configurations, the paper's headline, thus come first when time is short."""
         if not self.s.budget:
             return math.inf
-        reserve = sum(self._fixed_cost(n) for n in self.remaining)
+        reference = self.s.labels[0]
+        reserve = 0.0
+        for n in self.remaining:
+            reserve += self._fixed_cost(n)
+            for label, (per, _) in self.seconds_per_element.items():
+                if label != reference and per * n <= self.s.row_budget:
+                    reserve += per * n
         return self.s.budget - (time.perf_counter() - self.start) - reserve
 
     def _fixed_cost(self, n: int) -> float:
