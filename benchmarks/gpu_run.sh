@@ -27,12 +27,16 @@ for s in "$@"; do
       tests/test_custom_ops.py tests/test_attention.py tests/test_hf_attention.py tests/test_bench.py tests/test_cache.py tests/test_hf.py ;;
     cuda) stage cuda python3 benchmarks/gpu_check_cuda.py ;;
     triton) stage triton python3 benchmarks/gpu_check_triton.py ;;
-    attention) stage attention python3 benchmarks/gpu_check_attention.py ;;
+    attention) stage attention python3 benchmarks/gpu_check_attention.py --no-sweep ;;
     bench) stage bench "${kvpack[@]}" bench --out "$OUT/results/bench" ;;
     bench-large) stage bench-large "${kvpack[@]}" bench --large --out "$OUT/results/bench-large" ;;
     bench-attention) stage bench-attention "${kvpack[@]}" bench-attention --out "$OUT/results/attention" ;;
-    e2e) stage e2e "${kvpack[@]}" bench-attention --e2e --out "$OUT/results/e2e" ;;
-    eval) stage eval "${kvpack[@]}" eval --model smollm2-135m --out "$OUT/results/eval" ;;
+    e2e) stage e2e "${kvpack[@]}" bench-attention --e2e --no-kernels --out "$OUT/results/e2e" ;;
+    eval) for mode in dequantize fused; do
+            stage "eval-$mode" "${kvpack[@]}" eval --model smollm2-135m --formats int8,int4 --chunk 16 \
+              --attention "$mode" --out "$OUT/results/eval-$mode"
+          done ;;
+    tune) stage tune python3 benchmarks/tune_quant.py ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
