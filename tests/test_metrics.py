@@ -152,3 +152,18 @@ def test_shape_mismatches_raise() -> None:
         metrics.attention_score_error(torch.randn(5), x, x)
     with pytest.raises(ValueError, match="queries must be"):
         metrics.attention_kl(torch.randn(2, 3, 8), x, x)
+
+
+def test_report_is_one_pass_of_the_separate_metrics() -> None:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 300, 33, generator=g)
+    x_hat = x + 0.01 * torch.randn(x.shape, generator=g)
+    q = torch.randn(5, 33, generator=g)
+    r = metrics.report(x, x_hat, q)
+    assert r["max_abs_error"] == metrics.max_abs_error(x, x_hat)
+    assert r["l2_error"] == pytest.approx(metrics.l2_error(x, x_hat), rel=1e-12)
+    assert r["sqnr_db"] == pytest.approx(metrics.sqnr_db(x, x_hat), rel=1e-12)
+    assert r["attention_score_error"] == pytest.approx(metrics.attention_score_error(q, x, x_hat), rel=1e-12)
+    assert r["attention_score_error_first"] == pytest.approx(
+        metrics.attention_score_error(q[0], x, x_hat), rel=1e-12
+    )

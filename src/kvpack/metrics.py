@@ -127,14 +127,31 @@ def attention_kl(q: torch.Tensor, k: torch.Tensor, k_hat: torch.Tensor, scale: f
 
 
 def report(x: torch.Tensor, x_hat: torch.Tensor, q: torch.Tensor | None = None) -> dict[str, float]:
-    """All tensor metrics at once (and the attention-score error if queries are given)."""
-    sig, err = _sum_sq(x, x_hat)
+    """All tensor metrics in one float64 pass over ``x [..., T, D]``: max abs, L2, relative L2, SQNR,
+    and with queries ``q [D]`` or ``[N, D]`` the attention-score error averaged over them
+    (``attention_score_error``) and that of the first query alone (``attention_score_error_first``)."""
+    _same_shape(x, x_hat)
+    d = x.shape[-1]
+    qd = None if q is None else _queries(q, d)
+    xf, yf = x.reshape(-1, d), x_hat.reshape(-1, d)
+    rows = max(1, _CHUNK // max(d, 1))
+    worst = sig = err = 0.0
+    per_query = None if qd is None else torch.zeros(qd.shape[0], dtype=torch.float64, device=x.device)
+    for i in range(0, xf.shape[0], rows):
+        a = xf[i : i + rows].double()
+        diff = a - yf[i : i + rows].double()
+        worst = max(worst, float(diff.abs().max()))
+        sig += float(a.square().sum())
+        err += float(diff.square().sum())
+        if per_query is not None:
+            per_query += (diff @ qd.T).abs().sum(dim=0)
     out = {
-        "max_abs_error": max_abs_error(x, x_hat),
+        "max_abs_error": worst,
         "l2_error": math.sqrt(err),
         "relative_l2_error": _relative(sig, err),
         "sqnr_db": _sqnr(sig, err),
     }
-    if q is not None:
-        out["attention_score_error"] = attention_score_error(q, x, x_hat)
+    if per_query is not None:
+        out["attention_score_error"] = float(per_query.mean()) / xf.shape[0]
+        out["attention_score_error_first"] = float(per_query[0]) / xf.shape[0]
     return out
