@@ -519,7 +519,8 @@ class _Bench:
                 f"--budget of {self.s.budget:g} s has {max(room, 0.0):.3g} s left after keeping the "
                 "reference's share of the configurations still to come"
             )
-        return max(1, min(self.s.repeats, int(min(budget, room) // max(one, 1e-9)))), None
+        # repeats spend at most half the room: predictions err, and the larger sizes come later
+        return max(1, min(self.s.repeats, int(min(budget, room / 2) // max(one, 1e-9)))), None
 
     def _time(
         self, r: Runner, x: torch.Tensor, repeats: int, channels: int
