@@ -417,7 +417,8 @@ class _Bench:
     def __init__(self, settings: Settings) -> None:
         self.s = settings
         self.rows: list[Row] = []
-        self.seconds_per_element: dict[str, tuple[float, str]] = {}
+        # label -> (seconds per element of one repetition, elements, configuration) where last measured
+        self.seconds_per_element: dict[str, tuple[float, int, str]] = {}
         self.start = time.perf_counter()
         self.fixed: list[tuple[int, float]] = []  # (elements, seconds) of each configuration's fixed work
         self.remaining: list[int] = []  # elements of the configurations after the current one
@@ -434,9 +435,10 @@ class _Bench:
         reserve = 0.0
         for n in self.remaining:
             reserve += self._fixed_cost(n)
-            for label, (per, _) in self.seconds_per_element.items():
-                if label != reference and per * n <= self.s.row_budget:
-                    reserve += per * n
+            for label in self.seconds_per_element:
+                one = self._predict(label, n)[0]
+                if label != reference and one <= self.s.row_budget:
+                    reserve += one
         return self.s.budget - (time.perf_counter() - self.start) - reserve
 
     def _fixed_cost(self, n: int) -> float:
@@ -490,6 +492,14 @@ class _Bench:
             copy_gbps=nbytes / seconds / 1e9,
         )
 
+    def _predict(self, label: str, n: int) -> tuple[float, str]:
+        """Seconds of one repetition of ``label`` on ``n`` elements, from its last measurement, and
+        where that came from. Counted double past 16x the measured size: memory walks get slower per
+        element as they outgrow the caches (the column walk most of all)."""
+        per, measured, where = self.seconds_per_element[label]
+        far = n > 16 * measured
+        return per * n * (2 if far else 1), f"its measured time at {where}" + (", doubled" if far else "")
+
     def _plan(self, r: Runner, x: torch.Tensor, channels: int) -> tuple[int, str | None]:
         """(repeats, skip reason) for a runner at this size, from what it cost before."""
         n = x.numel()
@@ -497,8 +507,7 @@ class _Bench:
             one = _warm(r, x, channels)
             source = "a warm-up round at this size"
         elif r.label in self.seconds_per_element:
-            per, where = self.seconds_per_element[r.label]
-            one, source = per * n, f"its measured time at {where}"
+            one, source = self._predict(r.label, n)
         else:
             rows = min(x.shape[1], max(1, _WARMUP_ELEMENTS // channels))
             small = x[:, :rows].contiguous()
@@ -555,7 +564,7 @@ class _Bench:
             t_s = harness.median(scales_s)
             s_bytes = x_bytes + meta_bytes
             timing.update(scales_ms=t_s * 1e3, scales_bytes=s_bytes, scales_gbps=s_bytes / t_s / 1e9)
-        self.seconds_per_element[r.label] = ((t_s + t_q + t_d) / n, f"{tokens}x{channels}")
+        self.seconds_per_element[r.label] = ((t_s + t_q + t_d) / n, n, f"{tokens}x{channels}")
         return timing, _Output(codes, scale, zero, x_hat)
 
     def _errors(self, x: torch.Tensor, out: _Output, queries: torch.Tensor) -> dict[str, Any]:
