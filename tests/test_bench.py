@@ -257,6 +257,20 @@ def test_bench_other_formats_and_unavailable_backends(tmp_path: Path, capsys: py
     assert "int8-channel only" in reasons["cpu-scalar"]
 
 
+def test_bench_report_from_saved_results(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = _bench(tmp_path, capsys, "--configs", "2048x128", "--backends", "torch")
+    saved = tmp_path / "out" / "results.json"
+    again = tmp_path / "again"
+    rc = cli.main(["bench", "--from", str(saved), "--out", str(again), "--no-plots"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "2048x128" in printed and not (again / "results.json").exists()
+    report = (again / "report.md").read_text()
+    assert "## Beside the paper" in report and results["environment"]["date"] in report
+    (tmp_path / "bad.json").write_text('{"kind": "something else"}')
+    rc = cli.main(["bench", "--from", str(tmp_path / "bad.json")])
+    assert rc == 2 and "not a kvpack bench results.json" in capsys.readouterr().err
+
+
 def test_bench_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"

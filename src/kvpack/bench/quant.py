@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
 import time
@@ -208,6 +209,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=_DEFAULT_OUT, help=f"output folder (default {_DEFAULT_OUT}/)")
     parser.add_argument("--no-plots", action="store_true", help="do not draw the PNG plots")
+    parser.add_argument(
+        "--from",
+        dest="from_results",
+        metavar="RESULTS_JSON",
+        help="measure nothing: write report.md and the plots again from a saved results.json (into its "
+        "folder, or --out)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of tables")
 
 
@@ -795,15 +803,10 @@ def print_tables(results: dict[str, Any]) -> None:
         print(f"not measured: {s['backend']}: {s['reason']}")
 
 
-def run(args: argparse.Namespace) -> int:
-    """``kvpack bench``: measure, write the files, print the tables (or JSON)."""
+def _measure(settings: Settings) -> dict[str, Any]:
+    """Run the study; the results as saved in ``results.json``."""
     from tqdm.auto import tqdm
 
-    from kvpack.bench import report
-
-    settings = _settings(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     bench = _Bench(settings)
     env = harness.environment(settings.device)
     start = time.perf_counter()
@@ -818,7 +821,7 @@ def run(args: argparse.Namespace) -> int:
             bench.remaining = [t * d for t, d, _ in settings.configs[i + 1 :]]
             bench.config(tokens, channels, dtype, progress)
     env["seconds"] = round(time.perf_counter() - start, 1)
-    results = {
+    return {
         "kind": "kvpack-bench",
         "environment": env,
         "settings": {
@@ -836,8 +839,32 @@ def run(args: argparse.Namespace) -> int:
         "rows": [asdict(r) for r in bench.rows],
         "phases": bench.phases,
     }
-    harness.write_json(out / "results.json", results)
-    harness.write_csv(out / "results.csv", results["rows"])
+
+
+def _load(path: str) -> dict[str, Any]:
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read saved results from {path}: {err}") from None
+    if not isinstance(results, dict) or results.get("kind") != "kvpack-bench":
+        raise ValueError(f"{path} is not a kvpack bench results.json")
+    return results
+
+
+def run(args: argparse.Namespace) -> int:
+    """``kvpack bench``: measure (or load ``--from`` saved results), write the files, print the tables."""
+    from kvpack.bench import report
+
+    if args.from_results:
+        results = _load(args.from_results)
+        out = Path(args.out if args.out != _DEFAULT_OUT else Path(args.from_results).parent)
+    else:
+        results = _measure(_settings(args))
+        out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.from_results:
+        harness.write_json(out / "results.json", results)
+        harness.write_csv(out / "results.csv", results["rows"])
     notes = []
     if not args.no_plots:
         from kvpack.bench import plots
@@ -851,8 +878,11 @@ def run(args: argparse.Namespace) -> int:
         for note in notes:
             if not note.endswith(".png"):
                 print(note)
-        print(f"\nwrote {out}/results.json, results.csv, report.md in {env['seconds']:.0f} s")
-    return 1 if any(r.status == "error" for r in bench.rows) else 0
+        made = "report.md" if args.from_results else "results.json, results.csv, report.md"
+        print(
+            f"\nwrote {made} and the plots to {out}/ ({results['environment'].get('seconds')} s of measuring)"
+        )
+    return 1 if any(r["status"] == "error" for r in results["rows"]) else 0
 
 
 def roundtrip_gbps(row: dict[str, Any]) -> float | None:
