@@ -2,19 +2,25 @@
 
 1. Correctness: runs tests/test_attention.py and tests/test_hf_attention.py on the GPU and prints a
    PASS/FAIL/SKIP table. At GPU sizes: every cache preset (int8, int4, fp8, int2) at head dims 64, 96,
-   128 and 256 in float16 and bfloat16, 32 query heads over 8 or 32 KV heads (and 64 over 8) with 1 or
-   4 query tokens; long padded batches (32868 tokens, left and right padding, 1 and 3 queries); forced
+   128 and 256 in float16 and bfloat16, 32 query heads over 8 KV heads (and 8 or 64 query heads, 1 or
+   4 query tokens); long padded batches (32868 tokens, left and right padding, 1 and 3 queries); forced
    split counts and tile sizes; CUDA-graph replay and torch.compile. At small sizes: every key/value
-   format pair, odd shapes, the transformers attention. Every case compares with float32 attention over
-   the layer's dequantized cache (kvpack.reference.attention): relative L2 error below 1e-2.
+   format pair, odd shapes, a store still empty (window only), the transformers attention; and every
+   kernel variant those tests and the benchmarks launch, compiled for sm_90. Every case compares with
+   float32 attention over the layer's dequantized cache (kvpack.reference.attention): relative L2 error
+   below 1e-2.
 2. Tile sweep: int8 and int4 at batch 8, 32 query / 8 KV heads, 32768 tokens, for tokens per tile,
    warps, pipeline stages and split counts, next to the default choice.
 3. The kernel table of ``kvpack bench-attention`` in a short form (batches 1 and 8, 16K and 32K tokens,
    8 and 32 KV heads, every preset, SDPA float16 and dequantize-then-SDPA beside them).
 
+Each stage runs in a child process, and the tests in pytest-xdist workers (when pytest-xdist is
+installed; else a test file that crashes its process is run again without the tests already reported),
+so that a crash (a compiler abort, an illegal memory access) costs only the test or the stage it hit.
+
 Usage (from the repository root)::
 
-    python benchmarks/gpu_check_attention.py [--no-sweep] [--no-bench] [--repeats 10]
+    python benchmarks/gpu_check_attention.py [--no-sweep] [--no-bench] [--repeats 10] [--workers 8]
 
 Writes ``gpu_check_attention.json`` into ``$OUT`` when that variable is set (else the current folder).
 """
@@ -23,98 +29,210 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src")]
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
 
-import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kvpack.attention import decode  # noqa: E402
-from kvpack.bench import attention as bench  # noqa: E402
 from kvpack.bench import harness  # noqa: E402
-from kvpack.cache import QuantizedLayer  # noqa: E402
-from kvpack.triton.attention import KernelConfig, default_config  # noqa: E402
 
 DEVICE = torch.device("cuda")
 TESTS = ("tests/test_attention.py", "tests/test_hf_attention.py")
-
-
-def queries(layer: QuantizedLayer, q_heads: int, q_len: int) -> torch.Tensor:
-    b, _, _, d = layer.window_keys.shape
-    g = torch.Generator(device=DEVICE).manual_seed(1)
-    return torch.randn(b, q_heads, q_len, d, generator=g, device=DEVICE).to(layer.dtype)
-
+#: Seconds one test file, or one benchmark stage, may run.
+STAGE_TIMEOUT = 600
 
 # ------------------------------------------------------------------------------------------ correctness
 
+# Runs pytest, writing one JSON line per test as soon as it is known: a test starting, then its
+# outcome (a process that dies leaves the started test without one).
+_PYTEST_CHILD = """
+import json, sys
+import pytest
 
-class _Collector:
-    """A pytest plugin that keeps each test's outcome, duration and failure text."""
+class Rows:
+    def __init__(self, path):
+        self.out = open(path, "a", buffering=1)
 
-    def __init__(self) -> None:
-        self.rows: list[dict] = []
+    def pytest_runtest_logstart(self, nodeid, location):
+        self.out.write(json.dumps({"start": nodeid}) + "\\n")
 
-    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+    def pytest_runtest_logreport(self, report):
         if report.when == "call" or report.outcome != "passed":
-            status = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[report.outcome]
-            row = {"case": report.nodeid.split("::", 1)[1], "file": report.fspath, "stage": report.when,
-                   "status": status, "seconds": round(report.duration, 2)}
+            row = {"nodeid": report.nodeid, "stage": report.when, "outcome": report.outcome,
+                   "seconds": round(report.duration, 2)}
             if report.outcome != "passed":
                 row["detail"] = str(report.longrepr)[-1500:]
-            self.rows.append(row)
-            print(f"{status:4}  {row['seconds']:7.2f} s  {row['case']}", flush=True)
+            self.out.write(json.dumps(row) + "\\n")
+
+sys.exit(pytest.main(sys.argv[2:], plugins=[Rows(sys.argv[1])]))
+"""
 
 
-def check_correctness() -> list[dict]:
-    """Every test of the two test files, on the GPU: the GPU-size tests (every preset at head dims 64,
-    96, 128, 256, long padded batches, forced splits, CUDA graphs, torch.compile) and the small-size
-    ones (every format pair, odd shapes, padding, custom op), plus the transformers tests."""
-    collector = _Collector()
-    pytest.main([*(str(ROOT / t) for t in TESTS), "-q", "-p", "no:cacheprovider", "--no-header"],
-                plugins=[collector])
-    return collector.rows
+def _row(nodeid: str, status: str, seconds: float, detail: str | None = None, stage: str = "call") -> dict:
+    file, _, case = nodeid.partition("::")
+    row = {"case": case, "file": file, "stage": stage, "status": status, "seconds": seconds}
+    if detail:
+        row["detail"] = detail
+    print(f"{status:5} {seconds:7.2f} s  {case}", flush=True)
+    return row
+
+
+def run_test_file(path: str, workers: int) -> list[dict]:
+    """The tests of one file, in a child pytest (in ``workers`` xdist workers if there are any). If the
+    child dies, the test it was running is a CRASH and the file runs again without the tests reported."""
+    rows: list[dict] = []
+    done: set[str] = set()
+    for _ in range(5):
+        with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as log:
+            args = [path, "-q", "-p", "no:cacheprovider", "--no-header", "-rN"]
+            args += ["-n", str(workers)] if workers else []
+            args += [a for nodeid in sorted(done) for a in ("--deselect", nodeid)]
+            try:
+                child = subprocess.run([sys.executable, "-c", _PYTEST_CHILD, log.name, *args], cwd=ROOT,
+                                       capture_output=True, text=True, timeout=STAGE_TIMEOUT)
+                code, tail = child.returncode, (child.stdout + child.stderr)[-3000:]
+            except subprocess.TimeoutExpired as err:
+                code, tail = None, f"timed out after {STAGE_TIMEOUT} s: {str(err.stdout or '')[-2000:]}"
+            started = []
+            for line in log.read().splitlines():
+                event = json.loads(line)
+                if "start" in event:
+                    started.append(event["start"])
+                    continue
+                status = {"passed": "PASS", "failed": "FAIL", "skipped": "SKIP"}[event["outcome"]]
+                detail = event.get("detail")
+                if detail and "crashed while running" in detail:  # an xdist worker died in this test
+                    status, detail = "CRASH", f"{detail}\n{tail}"
+                rows.append(_row(event["nodeid"], status, event["seconds"], detail, event["stage"]))
+                done.add(event["nodeid"])
+        if code in (0, 1, 5):  # all passed, some failed, none collected: pytest finished
+            return rows
+        crashed = [nodeid for nodeid in started if nodeid not in done]
+        why = "timed out" if code is None else f"exit status {code}"
+        if not crashed:
+            rows.append(_row(f"{path}::(the file)", "CRASH", 0.0, f"pytest ended with {why}:\n{tail}"))
+            return rows
+        for nodeid in crashed:
+            rows.append(_row(nodeid, "CRASH", 0.0, f"the test process ended ({why}):\n{tail}"))
+            done.add(nodeid)
+    return rows
+
+
+def check_correctness(workers: int) -> list[dict]:
+    """Every test of the two test files, on the GPU (see the module doc)."""
+    if workers and importlib.util.find_spec("xdist") is None:
+        print("pytest-xdist is not installed: the tests run one after another", flush=True)
+        workers = 0
+    return [row for path in TESTS for row in run_test_file(path, workers)]
 
 
 # ------------------------------------------------------------------------------------------------ sweep
 
 
-def timed(q: torch.Tensor, layer: QuantizedLayer, config: KernelConfig, repeats: int) -> float:
-    """Median ms of ``decode(q, layer, config=config)`` after a warm-up call."""
-    decode(q, layer, config=config)
-    torch.cuda.synchronize()
-    samples, _ = harness.time_calls(lambda: decode(q, layer, config=config), [()], repeats, DEVICE)
-    return harness.median(samples) * 1e3
+def _queries(layer: Any, q_heads: int) -> torch.Tensor:
+    b, _, _, d = layer.window_keys.shape
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    return torch.randn(b, q_heads, 1, d, generator=g, device=DEVICE).to(layer.dtype)
 
 
-def sweep(repeats: int) -> list[dict]:
+def _sweep_preset(preset: str, repeats: int) -> list[dict]:
+    from kvpack.attention import decode
+    from kvpack.bench import attention as bench
+    from kvpack.triton.attention import default_config
+
+    layer = bench.filled_layer(preset, 8, 8, 32768, 128, DEVICE)
+    nbytes = bench.layer_bytes(layer)
+    q = _queries(layer, 32)
+    rows = []
+    for i, config in enumerate(bench.sweep_configs(default_config(128, layer.group, layer.key_scheme,
+                                                                  layer.value_scheme))):
+        row = {"preset": preset, "default": i == 0, **dataclasses.asdict(config)}
+        try:
+            decode(q, layer, config=config)
+            torch.cuda.synchronize()
+            samples, _ = harness.time_calls(lambda c=config: decode(q, layer, config=c), [()], repeats,
+                                            DEVICE)
+            row["ms"] = harness.median(samples) * 1e3
+            row["gbps"] = nbytes / row["ms"] / 1e6
+        except Exception as exc:  # a configuration that does not compile or fit is reported
+            row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+    return rows
+
+
+def sweep(repeats: int) -> dict[str, Any]:
     """Time the kernel over tile shapes, warps, stages and split counts (int8 and int4, batch 8,
     32 q / 8 KV heads, 32768 tokens, head dim 128)."""
+    from kvpack.bench import attention as bench
+
     rows = []
-    for preset in ("int8", "int4"):
-        layer = bench.filled_layer(preset, 8, 8, 32768, 128, DEVICE)
-        nbytes = bench.layer_bytes(layer)
-        q = queries(layer, 32, 1)
-        base = default_config(128, layer.group, layer.key_scheme, layer.value_scheme)
-        configs = [dataclasses.replace(base)]
-        configs += [KernelConfig(block_n=n, num_warps=w, num_stages=s)
-                    for n in (32, 64) for w in (4, 8) for s in (1, 2, 3, 4)]
-        configs += [dataclasses.replace(base, num_splits=s) for s in (4, 8, 16, 32, 64)]
-        for i, config in enumerate(configs):
-            try:
-                ms = timed(q, layer, config, repeats)
-                rows.append({"preset": preset, "default": i == 0, **dataclasses.asdict(config), "ms": ms,
-                             "gbps": nbytes / ms / 1e6})
-            except Exception as exc:  # a configuration that does not compile or fit is reported
-                rows.append({"preset": preset, "default": i == 0, **dataclasses.asdict(config),
-                             "error": f"{type(exc).__name__}: {exc}"[:300]})
-        del layer
+    for preset in bench.SWEEP_PRESETS:
+        rows += _sweep_preset(preset, repeats)
         torch.cuda.empty_cache()
-    return rows
+    print(harness.text_table(rows, ["preset", "default", "block_n", "num_warps", "num_stages", "num_splits",
+                                    "ms", "gbps", "error"]))
+    for preset in bench.SWEEP_PRESETS:
+        ok = [r for r in rows if r["preset"] == preset and "ms" in r]
+        if ok:
+            best, default = min(ok, key=lambda r: r["ms"]), next((r for r in ok if r["default"]), None)
+            print(f"{preset}: best {best['ms']:.4f} ms ({best['gbps']:.0f} GB/s) with "
+                  f"block_n={best['block_n']} warps={best['num_warps']} stages={best['num_stages']} "
+                  f"splits={best['num_splits']}; default {default and round(default['ms'], 4)} ms")
+    return {"sweep": rows}
+
+
+# ------------------------------------------------------------------------------------------------ bench
+
+
+def kernel_table(repeats: int) -> dict[str, Any]:
+    """The kernel table of ``kvpack bench-attention`` in a short form."""
+    from kvpack.bench import attention as bench
+
+    ns = argparse.Namespace(batches=[1, 8], contexts=[16384, 32768], kv_heads=[8, 32], q_heads=32,
+                            head_dim=128, formats=list(bench.FORMATS), repeats=repeats, seed=0)
+
+    class Progress:
+        def set_postfix_str(self, text: str) -> None:
+            print(f"  {text}", flush=True)
+
+        def update(self, n: int) -> None:
+            pass
+
+    kb = bench.KernelBench(ns, DEVICE)
+    kb.run(Progress())
+    rows = [dataclasses.asdict(r) for r in kb.rows]
+    bench.print_tables({"copy_gbps": kb.copy_gbps, "rows": rows})
+    return {"copy_gbps": kb.copy_gbps, "bench": rows}
+
+
+STAGES = {"sweep": sweep, "bench": kernel_table}
+
+
+def run_stage(name: str, repeats: int) -> dict[str, Any]:
+    """One benchmark stage in a child process (its output shown as it comes); its results, or why there
+    are none."""
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as part:
+        cmd = [sys.executable, __file__, "--stage", name, "--part", part.name, "--repeats", str(repeats)]
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, timeout=STAGE_TIMEOUT).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+        text = part.read()
+    if code == 0 and text:
+        return json.loads(text)
+    why = "a time-out" if code is None else f"exit status {code}"
+    return {f"{name}_error": f"the {name} stage ended with {why}"}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -125,60 +243,46 @@ def main() -> int:
     parser.add_argument("--no-sweep", action="store_true", help="skip the tile sweep")
     parser.add_argument("--no-bench", action="store_true", help="skip the kernel table")
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions, median kept (default 10)")
+    parser.add_argument("--workers", type=int, default=8,
+                        help="pytest-xdist workers for the tests (default 8; 0: one process per file)")
+    parser.add_argument("--stage", choices=list(STAGES), help=argparse.SUPPRESS)
+    parser.add_argument("--part", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: this check needs one", file=sys.stderr)
         return 2
+    if args.stage:
+        Path(args.part).write_text(harness.json_text(STAGES[args.stage](args.repeats)))
+        return 0
+
     t0 = time.perf_counter()
     result: dict = {"kind": "kvpack-gpu-check-attention", "environment": harness.environment(DEVICE)}
-    print("== correctness: the attention tests on the GPU")
-    result["correctness"] = check_correctness()
-    failed = [r for r in result["correctness"] if r["status"] == "FAIL"]
-    counts = {s: sum(r["status"] == s for r in result["correctness"]) for s in ("PASS", "FAIL", "SKIP")}
-    took = time.perf_counter() - t0
-    print(f"{counts['PASS']} PASS, {counts['FAIL']} FAIL, {counts['SKIP']} SKIP ({took:.0f} s)")
-    for r in failed:
-        print(f"\nFAIL {r['case']}:\n{r['detail']}")
+    print("== correctness: the attention tests on the GPU", flush=True)
+    result["correctness"] = check_correctness(args.workers)
+    bad = [r for r in result["correctness"] if r["status"] in ("FAIL", "CRASH")]
+    counts = {s: sum(r["status"] == s for r in result["correctness"]) for s in ("PASS", "FAIL", "CRASH",
+                                                                                 "SKIP")}
+    result["correctness_seconds"] = round(time.perf_counter() - t0, 1)
+    print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" ({result['correctness_seconds']:.0f} s)")
+    for r in bad:
+        print(f"\n{r['status']} {r['case']} ({r['stage']}):\n{r.get('detail', '')}")
     print(flush=True)
 
-    if not args.no_sweep:
-        print("== tile sweep: batch 8, 32 q / 8 KV heads, 32768 tokens, head dim 128")
-        result["sweep"] = sweep(args.repeats)
-        print(harness.text_table(result["sweep"], ["preset", "default", "block_n", "num_warps", "num_stages",
-                                                   "num_splits", "ms", "gbps", "error"]), flush=True)
-        for preset in ("int8", "int4"):
-            ok = [r for r in result["sweep"] if r["preset"] == preset and "ms" in r]
-            if ok:
-                best, default = min(ok, key=lambda r: r["ms"]), next((r for r in ok if r["default"]), None)
-                print(f"{preset}: best {best['ms']:.4f} ms ({best['gbps']:.0f} GB/s) with "
-                      f"block_n={best['block_n']} warps={best['num_warps']} stages={best['num_stages']} "
-                      f"splits={best['num_splits']}; default {default and round(default['ms'], 4)} ms")
-        print(flush=True)
-
-    if not args.no_bench:
-        print("== kernel table (kvpack bench-attention, short form)")
-        ns = argparse.Namespace(batches=[1, 8], contexts=[16384, 32768], kv_heads=[8, 32], q_heads=32,
-                                head_dim=128, formats=list(bench.FORMATS), repeats=args.repeats, seed=0)
-
-        class Quiet:
-            def set_postfix_str(self, text: str) -> None:
-                print(f"  {text}", flush=True)
-
-            def update(self, n: int) -> None:
-                pass
-
-        kb = bench.KernelBench(ns, DEVICE)
-        kb.run(Quiet())
-        result["copy_gbps"] = kb.copy_gbps
-        result["bench"] = [dataclasses.asdict(r) for r in kb.rows]
-        bench.print_tables({"copy_gbps": kb.copy_gbps, "rows": result["bench"]})
+    titles = {"sweep": "tile sweep", "bench": "kernel table (kvpack bench-attention, short form)"}
+    for name, skip in (("sweep", args.no_sweep), ("bench", args.no_bench)):
+        if not skip:
+            print(f"== {titles[name]}", flush=True)
+            started = time.perf_counter()
+            result.update(run_stage(name, args.repeats))
+            result[f"{name}_seconds"] = round(time.perf_counter() - started, 1)
+            print(flush=True)
 
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(os.environ.get("OUT", "."))
     out.mkdir(parents=True, exist_ok=True)
     harness.write_json(out / "gpu_check_attention.json", result)
     print(f"\nwrote {out / 'gpu_check_attention.json'} in {result['seconds']:.0f} s")
-    return 1 if failed else 0
+    return 1 if bad or any(k.endswith("_error") for k in result) else 0
 
 
 if __name__ == "__main__":

@@ -34,9 +34,9 @@ import gc
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,9 @@ import torch.nn.functional as F
 from kvpack.attention import decode
 from kvpack.bench import harness
 from kvpack.cache import CACHE_PRESETS, QuantizedLayer
+
+if TYPE_CHECKING:
+    from kvpack.triton.attention import KernelConfig
 
 _DEFAULT_OUT = "kvpack-results/attention"
 FORMATS = ("int8", "int4", "fp8", "int2")
@@ -156,6 +159,22 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU")
     return device
+
+
+#: Presets whose tile shapes ``benchmarks/gpu_check_attention.py`` sweeps.
+SWEEP_PRESETS = ("int8", "int4")
+
+
+def sweep_configs(base: KernelConfig) -> list[KernelConfig]:
+    """The decode-kernel configurations the tile sweep times: ``base`` (the default) first, then tokens
+    per tile x warps x software-pipeline stages, then ``base`` with forced split counts."""
+    from kvpack.triton.attention import KernelConfig
+
+    configs = [base]
+    configs += [KernelConfig(block_n=n, num_warps=w, num_stages=s) for n in (32, 64) for w in (4, 8)
+                for s in (1, 2, 3, 4)]
+    configs += [replace(base, num_splits=s) for s in (4, 8, 16, 32, 64)]
+    return configs
 
 
 # ---------------------------------------------------------------------------------------------- inputs

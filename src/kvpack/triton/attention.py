@@ -591,6 +591,18 @@ def _chunked(tokens: int, splits: int, block_n: int) -> tuple[int, int]:
     return math.ceil(max(tokens, 1) / chunk), chunk
 
 
+def _placeholder_store(scheme: Scheme, group: int, head_dim: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales ``[1, 1, 16, width]`` standing for an empty store: never read, but of the dtypes
+    and row widths the store will have, and strides that Triton specializes alike (none equal to 1 but
+    the last), so that the kernel compiled for the first steps (window only) is the one that reads the
+    store once it holds blocks, rather than a second compile in the middle of generation."""
+    _, code_width = scheme.code_shape(group, head_dim)
+    _, scale_width = scheme.scale_shape(group, head_dim)
+    return (torch.empty(1, 1, 16, code_width, dtype=scheme.code_dtype, device=device),
+            torch.empty(1, 1, 16, scale_width, dtype=scheme.scale_dtype, device=device))
+
+
 def _check_layout(*tensors: torch.Tensor | None) -> None:
     """The kernel indexes the last axis with stride 1, and one (batch row, head) slice in 32 bits."""
     for t in tensors:
@@ -605,11 +617,11 @@ def _check_layout(*tensors: torch.Tensor | None) -> None:
 
 def decode_attention(
     q: torch.Tensor,
-    key_codes: torch.Tensor,
-    key_scale: torch.Tensor,
+    key_codes: torch.Tensor | None,
+    key_scale: torch.Tensor | None,
     key_zero: torch.Tensor | None,
-    value_codes: torch.Tensor,
-    value_scale: torch.Tensor,
+    value_codes: torch.Tensor | None,
+    value_scale: torch.Tensor | None,
     value_zero: torch.Tensor | None,
     window_keys: torch.Tensor,
     window_values: torch.Tensor,
@@ -630,7 +642,8 @@ def decode_attention(
         q: float16/bfloat16 queries, last dim contiguous; ``Hq`` a multiple of the KV heads ``H``.
         key_codes, value_codes: ``[B, H, capT, ceil(D / per_byte)]``, valid ``[:, :, :num_quantized]``.
         key_scale, key_zero, value_scale, value_zero: ``[B, H, rows, sD]`` as
-            :class:`kvpack.cache.QuantizedLayer` stores them (zero None for int8/fp8).
+            :class:`kvpack.cache.QuantizedLayer` stores them (zero None for int8/fp8); all None while the
+            store is empty (``num_quantized == 0``).
         window_keys, window_values: ``[B, H, capW, D]`` in q's dtype, valid ``[:, :, :num_window]``.
         num_quantized, num_window: tokens in the store (a multiple of ``group``) and in the window.
         key_scheme, value_scheme: the block formats; ``group``: tokens per quantized block.
@@ -662,9 +675,12 @@ def decode_attention(
         mid_l = torch.empty(bsz, hq, lq, splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_l = out
-    if num_quantized == 0:
-        # Nothing is read from the store: any tensor serves as a placeholder pointer.
-        key_codes = value_codes = key_scale = value_scale = window_keys
+    if key_codes is None or value_codes is None:
+        # An empty store (nothing flushed yet) is never read, but its pointers' element types still pick
+        # the code paths that are compiled (an fp16 placeholder for int8 codes is no valid kernel).
+        key_codes, key_scale = _placeholder_store(key_scheme, group, d, q.device)
+        value_codes, value_scale = _placeholder_store(value_scheme, group, d, q.device)
+        key_zero = value_zero = None
     _check_layout(q, key_codes, key_scale, key_zero, value_codes, value_scale, value_zero, window_keys,
                   window_values)
     # fp8 codes travel as bytes (see _raw_codes).
