@@ -32,6 +32,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -98,12 +99,7 @@ def run_test_file(path: str, workers: int) -> list[dict]:
             args = [path, "-q", "-p", "no:cacheprovider", "--no-header", "-rN"]
             args += ["-n", str(workers)] if workers else []
             args += [a for nodeid in sorted(done) for a in ("--deselect", nodeid)]
-            try:
-                child = subprocess.run([sys.executable, "-c", _PYTEST_CHILD, log.name, *args], cwd=ROOT,
-                                       capture_output=True, text=True, timeout=STAGE_TIMEOUT)
-                code, tail = child.returncode, (child.stdout + child.stderr)[-3000:]
-            except subprocess.TimeoutExpired as err:
-                code, tail = None, f"timed out after {STAGE_TIMEOUT} s: {str(err.stdout or '')[-2000:]}"
+            code, tail = _run([sys.executable, "-c", _PYTEST_CHILD, log.name, *args], capture=True)
             started = []
             for line in log.read().splitlines():
                 event = json.loads(line)
@@ -118,15 +114,33 @@ def run_test_file(path: str, workers: int) -> list[dict]:
                 done.add(event["nodeid"])
         if code in (0, 1, 5):  # all passed, some failed, none collected: pytest finished
             return rows
-        crashed = [nodeid for nodeid in started if nodeid not in done]
-        why = "timed out" if code is None else f"exit status {code}"
-        if not crashed:
-            rows.append(_row(f"{path}::(the file)", "CRASH", 0.0, f"pytest ended with {why}:\n{tail}"))
+        unfinished = [nodeid for nodeid in started if nodeid not in done]
+        if code is None:
+            for nodeid in unfinished or [f"{path}::(the file)"]:
+                rows.append(_row(nodeid, "TIMEOUT", STAGE_TIMEOUT, f"still running after {STAGE_TIMEOUT} s"))
             return rows
-        for nodeid in crashed:
-            rows.append(_row(nodeid, "CRASH", 0.0, f"the test process ended ({why}):\n{tail}"))
+        why = f"the test process ended with exit status {code}:\n{tail}"
+        for nodeid in unfinished or [f"{path}::(the file)"]:
+            rows.append(_row(nodeid, "CRASH", 0.0, why))
             done.add(nodeid)
+        if not unfinished:
+            return rows
     return rows
+
+
+def _run(cmd: list[str], capture: bool = False) -> tuple[int | None, str]:
+    """Run ``cmd`` from the repository root in a process group of its own, killed whole (pytest-xdist
+    workers included) after :data:`STAGE_TIMEOUT` seconds. Returns the exit status (None on a time-out)
+    and, if ``capture``, the last 3000 characters of its output (else its output is shown)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE if capture else None,
+                            stderr=subprocess.STDOUT if capture else None, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=STAGE_TIMEOUT)
+        return proc.returncode, (out or "")[-3000:]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, (out or "")[-3000:]
 
 
 def check_correctness(workers: int) -> list[dict]:
@@ -223,11 +237,8 @@ def run_stage(name: str, repeats: int) -> dict[str, Any]:
     """One benchmark stage in a child process (its output shown as it comes); its results, or why there
     are none."""
     with tempfile.NamedTemporaryFile("r", suffix=".json") as part:
-        cmd = [sys.executable, __file__, "--stage", name, "--part", part.name, "--repeats", str(repeats)]
-        try:
-            code = subprocess.run(cmd, cwd=ROOT, timeout=STAGE_TIMEOUT).returncode
-        except subprocess.TimeoutExpired:
-            code = None
+        code, _ = _run([sys.executable, __file__, "--stage", name, "--part", part.name, "--repeats",
+                        str(repeats)])
         text = part.read()
     if code == 0 and text:
         return json.loads(text)
@@ -259,9 +270,9 @@ def main() -> int:
     result: dict = {"kind": "kvpack-gpu-check-attention", "environment": harness.environment(DEVICE)}
     print("== correctness: the attention tests on the GPU", flush=True)
     result["correctness"] = check_correctness(args.workers)
-    bad = [r for r in result["correctness"] if r["status"] in ("FAIL", "CRASH")]
-    counts = {s: sum(r["status"] == s for r in result["correctness"]) for s in ("PASS", "FAIL", "CRASH",
-                                                                                 "SKIP")}
+    bad = [r for r in result["correctness"] if r["status"] in ("FAIL", "CRASH", "TIMEOUT")]
+    statuses = ("PASS", "FAIL", "CRASH", "TIMEOUT", "SKIP")
+    counts = {s: sum(r["status"] == s for r in result["correctness"]) for s in statuses}
     result["correctness_seconds"] = round(time.perf_counter() - t0, 1)
     print(", ".join(f"{n} {s}" for s, n in counts.items()) + f" ({result['correctness_seconds']:.0f} s)")
     for r in bad:
