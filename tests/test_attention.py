@@ -381,7 +381,8 @@ def test_bench_attention_runs(tmp_path: Path) -> None:
 # launches (this file's tests at the sizes they have there, the transformers tests, `kvpack
 # bench-attention` with --e2e, the tile sweep of benchmarks/gpu_check_attention.py) is compiled here
 # for an H100 with the installed Triton, in fresh processes (a compiler abort must not take pytest
-# down): what only the compiler rejects shows up without a GPU.
+# down): what only the compiler rejects shows up without a GPU. By hand, with any Python that has
+# Triton and kvpack: TRITON_INTERPRET=0 python tests/test_attention.py 0/1 (shard 0 of 1: all of them).
 
 H100_SMS = 132
 
