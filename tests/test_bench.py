@@ -342,7 +342,9 @@ def test_bench_on_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         assert backend in labels or backend in skipped, backend
 
 
-def test_half_precision_output_rounding_is_inside_the_bound(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_half_precision_output_rounding_is_inside_the_bound(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     # float16 x_hat carries float16 rounding on top of scale/2: the check must allow it, and only it.
     results = _bench(tmp_path, capsys, "--configs", "512x64", "--dtype", "float16", "--backends", "torch")
     (row,) = _rows(results, "torch")

@@ -80,7 +80,9 @@ def why_not(backend: Backend, scheme: Scheme, device: torch.device) -> str | Non
         if not _is_paper_scheme(scheme):
             return f"{backend} implements the paper's int8-channel only, not {scheme.name}"
         if not _has("cupy"):
-            return f"{backend} compiles its CUDA C with CuPy's NVRTC: pip install cupy-cuda12x (or cupy-cuda13x)"
+            return (
+                f"{backend} compiles its CUDA C with CuPy's NVRTC: pip install cupy-cuda12x (or cupy-cuda13x)"
+            )
         return None
     if backend == Backend.TRITON:
         if not _has("triton"):

@@ -84,7 +84,8 @@ def compute_scales(x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch
 
 
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned codes ``q [..., D]`` (values < 2^bits) along the last axis, first code in the low bits."""
+    """Pack unsigned codes ``q [..., D]`` (values < 2^bits) along the last axis, first code in the low
+    bits."""
     per = 8 // bits
     if per == 1:
         return q
@@ -140,7 +141,8 @@ def dequantize(
     channels: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Rebuild ``[B, T, D]`` in ``dtype`` from codes and scales (float32 arithmetic, one rounding at the end)."""
+    """Rebuild ``[B, T, D]`` in ``dtype`` from codes and scales (float32 arithmetic, one rounding at
+    the end)."""
     t = codes.shape[1]
     if scheme.fp8 is not None or scheme.symmetric:
         y = _grouped(codes.float(), scheme, 0.0) * _bcast(scale)
@@ -171,6 +173,7 @@ def attention(
     s = (q.float() @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if causal_offset is not None:
         lq, lk = q.shape[2], k.shape[2]
-        allowed = torch.arange(lk, device=q.device)[None, :] <= causal_offset + torch.arange(lq, device=q.device)[:, None]
+        keys = torch.arange(lk, device=q.device)[None, :]
+        allowed = keys <= causal_offset + torch.arange(lq, device=q.device)[:, None]
         s = s.masked_fill(~allowed, -math.inf)
     return torch.softmax(s, dim=-1) @ v
