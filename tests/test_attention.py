@@ -145,6 +145,28 @@ def test_odd_group_reads_scale_rows_per_token() -> None:
     assert rel_error(decode(q, layer), expected(q, layer)) < TOLERANCE
 
 
+# Packed keys (int4/int2) are scored one bit field at a time; every way their scales can be laid out,
+# small head dims (fewer byte columns than a dot's depth of 16) and 16-token tiles.
+PACKED_KEYS = [
+    # (key format, value format, group, head dim)
+    ("int4-token-g32", "int4-token", None, 64),  # per-token keys in channel groups
+    ("int2-token-g16", "int8-token", None, 64),
+    ("int4-channel", "int8-token", 40, 64),  # no power-of-two tile divides the group: gathered scales
+    ("int2-channel", "int4-token", 48, 96),
+    ("int4-channel-g64", "int4-token", None, 16),
+    ("int2-channel-g64", "int2-token-g16", None, 16),
+    ("int2-channel-g16", "int2-token-g32", None, 32),
+    ("int4-channel-g16", "int4-token", None, 64),
+]
+
+
+@pytest.mark.parametrize("key_format,value_format,group,head_dim", PACKED_KEYS)
+def test_packed_keys(key_format: str, value_format: str, group: int | None, head_dim: int) -> None:
+    layer = make_layer(key_format, value_format, group=group, tokens=230, residual=16, head_dim=head_dim)
+    q = queries(layer, 4, 2)
+    assert rel_error(decode(q, layer), expected(q, layer)) < TOLERANCE
+
+
 @pytest.mark.parametrize("q_len", [1, 3])
 @pytest.mark.parametrize("padding", ["left", "right", "both"])
 def test_padded_batch(padding: str, q_len: int) -> None:
@@ -413,6 +435,9 @@ def _gpu_run_launches() -> Iterator[dict[str, Any]]:
         yield dict(formats=int4, batch=3, q_heads=8, q_len=q_len, tokens=260, residual=16, start=start,
                    end=end)
     yield dict(formats=("int4-channel", "int4-token"), group=16, q_heads=4, tokens=90, residual=8)
+    for key_format, value_format, group, head_dim in PACKED_KEYS:
+        yield dict(formats=(key_format, value_format), group=group, head_dim=head_dim, q_heads=4, q_len=2,
+                   tokens=230, residual=16)
     for splits, block_n in ((1, 64), (3, 32), (64, 16)):
         yield dict(formats=int8, batch=2, q_heads=8, q_len=2, tokens=520, residual=20,
                    config=KernelConfig(block_n=block_n, num_splits=splits))

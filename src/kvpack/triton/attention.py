@@ -225,24 +225,29 @@ def _value_codes_f16(codes, tok, ok, offs_d, d_ok, stride_ct, D: tl.constexpr, K
 def _raw_codes(codes, tok, ok, offs_d, d_ok, stride_ct, D: tl.constexpr, KIND: tl.constexpr,
                BITS: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr):
     """The stored bytes of tokens ``tok``: int8 codes, fp8 bit patterns (uint8) or packed bytes
-    ``[BLOCK_N, BLOCK_D / per_byte]``; channels past ``D`` and, if ``MASKED``, rows not ``ok`` read as 0.
-    Unmasked rows must lie in the store (whole tiles of it): they hold finite codes, and the softmax
-    gives the tokens that are not ``ok`` zero weight. fp8 codes arrive as bytes (a masked fp8 load has
-    no ``other`` in the interpreter)."""
+    ``[BLOCK_N, BLOCK_D / per_byte]`` (see :func:`_byte_columns`). fp8 codes arrive as bytes (a masked
+    fp8 load has no ``other`` in the interpreter)."""
     if KIND == 2:
         PER: tl.constexpr = 8 // BITS
-        cols = tl.arange(0, BLOCK_D // PER)
-        c_ok = cols < (D + PER - 1) // PER
+        return _byte_columns(codes, tok, ok, stride_ct, (D + PER - 1) // PER, BLOCK_D // PER, MASKED)
     else:
-        cols = offs_d
-        c_ok = d_ok
+        return _byte_columns(codes, tok, ok, stride_ct, D, BLOCK_D, MASKED)
+
+
+@triton.jit
+def _byte_columns(codes, tok, ok, stride_ct, NCOLS: tl.constexpr, COLS: tl.constexpr, MASKED: tl.constexpr):
+    """Columns ``0 .. COLS - 1`` of the code rows of tokens ``tok`` ``[BLOCK_N, COLS]``, of which the
+    first ``NCOLS`` are stored; the others and, if ``MASKED``, rows not ``ok`` read as 0. Unmasked rows
+    must lie in the store (whole tiles of it): they hold finite codes, and the softmax gives the tokens
+    that are not ``ok`` zero weight."""
+    cols = tl.arange(0, COLS)
     ptrs = codes + tok[:, None] * stride_ct + cols[None, :]
     if MASKED:
-        raw = tl.load(ptrs, mask=ok[:, None] & c_ok[None, :], other=0)
-    elif D == BLOCK_D:
+        raw = tl.load(ptrs, mask=ok[:, None] & (cols < NCOLS)[None, :], other=0)
+    elif NCOLS == COLS:
         raw = tl.load(ptrs)
     else:
-        raw = tl.load(ptrs, mask=c_ok[None, :], other=0)
+        raw = tl.load(ptrs, mask=(cols < NCOLS)[None, :], other=0)
     return raw
 
 
@@ -291,6 +296,55 @@ def _codes_f16(raw, KIND: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexp
 
 
 @triton.jit
+def _fields_f16(raw, BITS: tl.constexpr, INTERPRET: tl.constexpr):
+    """The bit fields of packed bytes ``raw`` as float16 codes ``(f0, f1, f2, f3)``, each shaped like
+    ``raw``: field ``k`` holds bits ``k * BITS`` and up of every byte, the channels ``per_byte * j + k``
+    of byte column ``j`` (int4 has two fields; f2 and f3 repeat f0 and f1). The fields are never
+    interleaved back into channel order (no join or reshape): the key scores take one dot per field."""
+    if INTERPRET:
+        byte = raw.to(tl.int32)
+        MASK: tl.constexpr = (1 << BITS) - 1
+        f0 = _exact_float(byte & MASK, False).to(tl.float16)
+        f1 = _exact_float((byte >> BITS) & MASK, False).to(tl.float16)
+        if BITS == 2:
+            return f0, f1, _exact_float((byte >> 4) & 3, False).to(tl.float16), \
+                _exact_float(byte >> 6, False).to(tl.float16)
+        return f0, f1, f0, f1
+    elif BITS == 4:
+        lo, hi = tl.inline_asm_elementwise(_INT4_TO_F16, "=r,=r,=r,=r,r", [raw],
+                                           dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        return lo, hi, lo, hi
+    else:
+        return tl.inline_asm_elementwise(_INT2_TO_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r", [raw],
+                                         dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                         is_pure=True, pack=4)
+
+
+@triton.jit
+def _query_fields(qrow, row_ok, q_max, D: tl.constexpr, BITS: tl.constexpr, FW: tl.constexpr,
+                  NORMALIZED: tl.constexpr):
+    """The query channels that meet each field of packed keys (:func:`_fields_f16`): field ``k`` is
+    ``q[:, per_byte * j + k]`` ``[BLOCK_M, FW]`` for ``j < FW`` (0 past ``D``), in q's dtype, or in
+    float32 divided by ``q_max`` if ``NORMALIZED``. ``qrow``: pointers to the query rows."""
+    PER: tl.constexpr = 8 // BITS
+    ch = PER * tl.arange(0, FW)
+    f0 = _query_field(qrow, row_ok, ch, q_max, D, NORMALIZED)
+    f1 = _query_field(qrow, row_ok, ch + 1, q_max, D, NORMALIZED)
+    if BITS == 2:
+        return f0, f1, _query_field(qrow, row_ok, ch + 2, q_max, D, NORMALIZED), \
+            _query_field(qrow, row_ok, ch + 3, q_max, D, NORMALIZED)
+    return f0, f1, f0, f1
+
+
+@triton.jit
+def _query_field(qrow, row_ok, ch, q_max, D: tl.constexpr, NORMALIZED: tl.constexpr):
+    x = tl.load(qrow + ch[None, :], mask=row_ok[:, None] & (ch < D)[None, :], other=0.0)
+    if NORMALIZED:
+        x = x.to(tl.float32) / q_max[:, None]
+    return x
+
+
+@triton.jit
 def _mm(a, b, INTERPRET: tl.constexpr):
     """``tl.dot`` with float32 accumulation; in float32 in the interpreter, whose bfloat16 dot is wrong."""
     if INTERPRET:
@@ -310,45 +364,103 @@ def _vector(ptrs, ok, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _key_scores(q, qn, q_max, q_sum, codes, scale, zero, tok, ok, offs_d, d_ok, tile_start, stride_ct,
-                stride_st, D: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, SMODE: tl.constexpr,
+def _key_scores(q, qn, q_max, codes, scale, tok, ok, offs_d, d_ok, tile_start, stride_ct, stride_st,
+                D: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr, SMODE: tl.constexpr,
                 ROW_DIV: tl.constexpr, COL_DIV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 MASKED: tl.constexpr, INTERPRET: tl.constexpr):
-    """``q k^T`` ``[BLOCK_M, BLOCK_N]`` (float32) for a tile of quantized keys.
+    """``q k^T`` ``[BLOCK_M, BLOCK_N]`` (float32) for a tile of 8-bit quantized keys (int8, fp8).
 
     The scales are folded in rather than applied to every key element. Per-channel scales (one row
-    ``s`` per tile): ``q . (c s + z) = (q s) . c + q . z``, with ``q s`` formed in float16 from
-    ``qn = q / max|q|`` (per query row) and ``s / max(s)`` (both at most 1), the maxima multiplied back
-    after the dot. Per-token scales: ``q . (c s_t + z_t) = s_t (q . c) + z_t sum(q)``. Other layouts (channel
-    groups of per-token scales, odd groups) dequantize the tile in registers.
+    ``s`` per tile): ``q . (c s) = (q s) . c``, with ``q s`` formed in float16 from ``qn = q / max|q|``
+    (per query row) and ``s / max(s)`` (both at most 1), the maxima multiplied back after the dot.
+    Per-token scales: ``q . (c s_t) = s_t (q . c)``. Other layouts (channel groups of per-token scales,
+    odd groups) dequantize the tile in registers.
     """
     raw = _raw_codes(codes, tok, ok, offs_d, d_ok, stride_ct, D, KIND, BITS, BLOCK_D, MASKED)
     if SMODE == 0:
-        row = (tile_start // ROW_DIV) * stride_st + offs_d
-        s = _vector(scale + row, d_ok, D != BLOCK_D)
+        s = _vector(scale + (tile_start // ROW_DIV) * stride_st + offs_d, d_ok, D != BLOCK_D)
         top = tl.max(s, 0)
         top = tl.where(top > 0, top, 1.0)
         qs = (qn * (s * (1.0 / top))[None, :]).to(tl.float16)
         out = _mm(qs, tl.trans(_codes_f16(raw, KIND, BITS, BLOCK_N, BLOCK_D, INTERPRET)), INTERPRET)
-        out = out * (top * q_max)[:, None]
-        if KIND == 2:
-            out += tl.sum(q.to(tl.float32) * _vector(zero + row, d_ok, D != BLOCK_D)[None, :], 1)[:, None]
-        return out
+        return out * (top * q_max)[:, None]
     elif SMODE == 1:
-        at = tok * stride_st
         c = _codes_f16(raw, KIND, BITS, BLOCK_N, BLOCK_D, INTERPRET)
         out = _mm(qn.to(tl.float16), tl.trans(c), INTERPRET)
-        out = out * q_max[:, None] * _vector(scale + at, ok, MASKED)[None, :]
-        if KIND == 2:
-            out += q_sum[:, None] * _vector(zero + at, ok, MASKED)[None, :]
-        return out
+        return out * q_max[:, None] * _vector(scale + tok * stride_st, ok, MASKED)[None, :]
     else:
         k = _codes_f32(raw, KIND, BITS, BLOCK_N, BLOCK_D) * _scales(
             scale, tok, ok, offs_d, d_ok, tile_start, stride_st, SMODE, ROW_DIV, COL_DIV, BLOCK_N, BLOCK_D)
-        if KIND == 2:
-            k += _scales(zero, tok, ok, offs_d, d_ok, tile_start, stride_st, SMODE, ROW_DIV, COL_DIV,
-                         BLOCK_N, BLOCK_D)
         return _mm(q, tl.trans(_rounded(k, q.dtype, INTERPRET)), INTERPRET)
+
+
+@triton.jit
+def _packed_key_scores(q, q0, q1, q2, q3, q_max, q_sum, codes, scale, zero, tok, ok, offs_d, d_ok, tile_start,
+                       stride_ct, stride_st, D: tl.constexpr, BITS: tl.constexpr, SMODE: tl.constexpr,
+                       ROW_DIV: tl.constexpr, COL_DIV: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_D: tl.constexpr, FW: tl.constexpr, MASKED: tl.constexpr,
+                       INTERPRET: tl.constexpr):
+    """:func:`_key_scores` for packed int4/int2 keys (asymmetric: ``k = c s + z``), one dot per bit
+    field: ``q . k = sum_k q_k . c_k`` with ``q_k`` the channels of field ``k``
+    (:func:`_query_fields`: normalized for per-channel and per-token scales, else in q's dtype), so
+    the codes are never interleaved back into channel order. ``FW`` (at least 16, a dot's least depth):
+    byte columns per tile row. Zero points: ``q . z`` for a per-channel row, ``sum(q) z_t`` per token.
+    """
+    PER: tl.constexpr = 8 // BITS
+    raw = _byte_columns(codes, tok, ok, stride_ct, (D + PER - 1) // PER, FW, MASKED)
+    f0, f1, f2, f3 = _fields_f16(raw, BITS, INTERPRET)
+    ch = PER * tl.arange(0, FW)
+    if SMODE == 0:
+        row = (tile_start // ROW_DIV) * stride_st
+        s0 = _vector(scale + row + ch, ch < D, True)
+        s1 = _vector(scale + row + ch + 1, ch + 1 < D, True)
+        top = tl.maximum(tl.max(s0, 0), tl.max(s1, 0))
+        if BITS == 2:
+            s2 = _vector(scale + row + ch + 2, ch + 2 < D, True)
+            s3 = _vector(scale + row + ch + 3, ch + 3 < D, True)
+            top = tl.maximum(top, tl.maximum(tl.max(s2, 0), tl.max(s3, 0)))
+        top = tl.where(top > 0, top, 1.0)
+        inv = 1.0 / top
+        out = _mm((q0 * (s0 * inv)[None, :]).to(tl.float16), tl.trans(f0), INTERPRET)
+        out += _mm((q1 * (s1 * inv)[None, :]).to(tl.float16), tl.trans(f1), INTERPRET)
+        if BITS == 2:
+            out += _mm((q2 * (s2 * inv)[None, :]).to(tl.float16), tl.trans(f2), INTERPRET)
+            out += _mm((q3 * (s3 * inv)[None, :]).to(tl.float16), tl.trans(f3), INTERPRET)
+        out = out * (top * q_max)[:, None]
+        z = _vector(zero + row + offs_d, d_ok, D != BLOCK_D)
+        return out + tl.sum(q.to(tl.float32) * z[None, :], 1)[:, None]
+    elif SMODE == 1:
+        out = _mm(q0.to(tl.float16), tl.trans(f0), INTERPRET)
+        out += _mm(q1.to(tl.float16), tl.trans(f1), INTERPRET)
+        if BITS == 2:
+            out += _mm(q2.to(tl.float16), tl.trans(f2), INTERPRET)
+            out += _mm(q3.to(tl.float16), tl.trans(f3), INTERPRET)
+        at = tok * stride_st
+        out = out * q_max[:, None] * _vector(scale + at, ok, MASKED)[None, :]
+        return out + q_sum[:, None] * _vector(zero + at, ok, MASKED)[None, :]
+    else:
+        out = _dequantized_scores(q0, f0, scale, zero, tok, ok, ch, stride_st, D, ROW_DIV, COL_DIV, BLOCK_N,
+                                  FW, INTERPRET)
+        out += _dequantized_scores(q1, f1, scale, zero, tok, ok, ch + 1, stride_st, D, ROW_DIV, COL_DIV,
+                                   BLOCK_N, FW, INTERPRET)
+        if BITS == 2:
+            out += _dequantized_scores(q2, f2, scale, zero, tok, ok, ch + 2, stride_st, D, ROW_DIV, COL_DIV,
+                                       BLOCK_N, FW, INTERPRET)
+            out += _dequantized_scores(q3, f3, scale, zero, tok, ok, ch + 3, stride_st, D, ROW_DIV, COL_DIV,
+                                       BLOCK_N, FW, INTERPRET)
+        return out
+
+
+@triton.jit
+def _dequantized_scores(qk, f, scale, zero, tok, ok, ch, stride_st, D: tl.constexpr, ROW_DIV: tl.constexpr,
+                        COL_DIV: tl.constexpr, BLOCK_N: tl.constexpr, FW: tl.constexpr,
+                        INTERPRET: tl.constexpr):
+    """``qk . (c s + z)`` for a field of packed codes ``f`` (channels ``ch``) and the matching query
+    channels ``qk``, the keys dequantized in q's dtype with the scale and zero point of each element
+    gathered at row ``token // ROW_DIV``, column ``channel // COL_DIV``."""
+    s = _scales(scale, tok, ok, ch, ch < D, 0, stride_st, 3, ROW_DIV, COL_DIV, BLOCK_N, FW)
+    z = _scales(zero, tok, ok, ch, ch < D, 0, stride_st, 3, ROW_DIV, COL_DIV, BLOCK_N, FW)
+    return _mm(qk, tl.trans(_rounded(f.to(tl.float32) * s + z, qk.dtype, INTERPRET)), INTERPRET)
 
 
 @triton.jit
@@ -419,7 +531,7 @@ def _decode_kernel(
     stride_wvb, stride_wvh, stride_wvt,
     D: tl.constexpr,
     K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_SMODE: tl.constexpr,
-    K_ROW_DIV: tl.constexpr, K_COL_DIV: tl.constexpr,
+    K_ROW_DIV: tl.constexpr, K_COL_DIV: tl.constexpr, K_FW: tl.constexpr,
     V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_SMODE: tl.constexpr,
     V_ROW_DIV: tl.constexpr, V_COL_DIV: tl.constexpr,
     HAS_START: tl.constexpr, HAS_END: tl.constexpr, SPLIT: tl.constexpr, MASKED: tl.constexpr,
@@ -456,6 +568,9 @@ def _decode_kernel(
     q_max = tl.where(q_max > 0, q_max, 1.0)
     qn = q32 / q_max[:, None]
     q_sum = tl.sum(q32, 1)
+    if K_KIND == 2:
+        qrow = Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm
+        q0, q1, q2, q3 = _query_fields(qrow, row_ok, q_max, D, K_BITS, K_FW, K_SMODE <= 1)
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -477,8 +592,14 @@ def _decode_kernel(
     for t0 in range(lo, q_hi, BLOCK_N):
         tok = t0 + tl.arange(0, BLOCK_N)
         ok = (tok < q_hi) & (tok >= begin)
-        s = _key_scores(q, qn, q_max, q_sum, kc, ks, kz, tok, ok, offs_d, d_ok, t0, stride_kct, stride_kst, D,
-                        K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N, BLOCK_D, MASKED, INTERPRET)
+        if K_KIND == 2:
+            s = _packed_key_scores(q, q0, q1, q2, q3, q_max, q_sum, kc, ks, kz, tok, ok, offs_d, d_ok, t0,
+                                   stride_kct, stride_kst, D, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N,
+                                   BLOCK_D, K_FW, MASKED, INTERPRET)
+        else:
+            s = _key_scores(q, qn, q_max, kc, ks, tok, ok, offs_d, d_ok, t0, stride_kct, stride_kst, D,
+                            K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N, BLOCK_D, MASKED,
+                            INTERPRET)
         m_i, l_i, p, alpha = _softmax_step(s * qk_scale, tok, ok, qpos, m_i, l_i)
         acc = acc * alpha[:, None] + _value_product(
             p, vc, vs, vz, tok, ok, offs_d, d_ok, t0, stride_vct, stride_vst, dtype, D,
@@ -703,6 +824,7 @@ def decode_attention(
         *window_keys.stride()[:3], *window_values.stride()[:3],
         D=d,
         **{f"K_{k}": v for k, v in kfmt.items()}, **{f"V_{k}": v for k, v in vfmt.items()},
+        K_FW=max(16, block_d // key_scheme.per_byte),
         HAS_START=start is not None, HAS_END=end is not None, SPLIT=splits > 1,
         MASKED=group % config.block_n != 0, V_WORDS=words and not triton_interpreted(),
         INTERPRET=triton_interpreted(),
