@@ -50,6 +50,8 @@ from kvpack.bench import harness  # noqa: E402
 
 DEVICE = torch.device("cuda")
 TESTS = ("tests/test_attention.py", "tests/test_hf_attention.py")
+COMPILE_TEST = "tests/test_attention.py::test_every_gpu_kernel_variant_compiles_for_h100"
+COMPILE_SHARDS = 4
 #: Seconds one test file, or one benchmark stage, may run.
 STAGE_TIMEOUT = 600
 
@@ -89,16 +91,16 @@ def _row(nodeid: str, status: str, seconds: float, detail: str | None = None, st
     return row
 
 
-def run_test_file(path: str, workers: int) -> list[dict]:
-    """The tests of one file, in a child pytest (in ``workers`` xdist workers if there are any). If the
-    child dies, the test it was running is a CRASH and the file runs again without the tests reported."""
+def run_tests(paths: list[str], workers: int, skip: tuple[str, ...] = ()) -> list[dict]:
+    """The tests of ``paths`` but ``skip`` (node ids), in a child pytest (in ``workers`` xdist workers if
+    there are any). If the child dies, the test it was running is a CRASH and the rest run again."""
     rows: list[dict] = []
     done: set[str] = set()
     for _ in range(5):
         with tempfile.NamedTemporaryFile("r", suffix=".jsonl") as log:
-            args = [path, "-q", "-p", "no:cacheprovider", "--no-header", "-rN"]
+            args = [*paths, "-q", "-p", "no:cacheprovider", "--no-header", "-rN"]
             args += ["-n", str(workers)] if workers else []
-            args += [a for nodeid in sorted(done) for a in ("--deselect", nodeid)]
+            args += [a for nodeid in (*skip, *sorted(done)) for a in ("--deselect", nodeid)]
             code, tail = _run([sys.executable, "-c", _PYTEST_CHILD, log.name, *args], capture=True)
             started = []
             for line in log.read().splitlines():
@@ -116,11 +118,11 @@ def run_test_file(path: str, workers: int) -> list[dict]:
             return rows
         unfinished = [nodeid for nodeid in started if nodeid not in done]
         if code is None:
-            for nodeid in unfinished or [f"{path}::(the file)"]:
+            for nodeid in unfinished or ["(the tests)"]:
                 rows.append(_row(nodeid, "TIMEOUT", STAGE_TIMEOUT, f"still running after {STAGE_TIMEOUT} s"))
             return rows
         why = f"the test process ended with exit status {code}:\n{tail}"
-        for nodeid in unfinished or [f"{path}::(the file)"]:
+        for nodeid in unfinished or ["(the tests)"]:
             rows.append(_row(nodeid, "CRASH", 0.0, why))
             done.add(nodeid)
         if not unfinished:
@@ -144,11 +146,37 @@ def _run(cmd: list[str], capture: bool = False) -> tuple[int | None, str]:
 
 
 def check_correctness(workers: int) -> list[dict]:
-    """Every test of the two test files, on the GPU (see the module doc)."""
+    """Every test of the two test files, on the GPU (see the module doc). The test that compiles every
+    kernel variant for sm_90 needs no GPU: it runs beside the others from the start, in processes of
+    its own, rather than last in one pytest worker."""
     if workers and importlib.util.find_spec("xdist") is None:
         print("pytest-xdist is not installed: the tests run one after another", flush=True)
         workers = 0
-    return [row for path in TESTS for row in run_test_file(path, workers)]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": tmp}
+        logs = [Path(tmp, f"compile-{i}.log") for i in range(COMPILE_SHARDS)]
+        shards = []
+        for i, log in enumerate(logs):
+            with log.open("w") as out:
+                shards.append(subprocess.Popen([sys.executable, TESTS[0], f"{i}/{COMPILE_SHARDS}"], cwd=ROOT,
+                                               env=env, stdout=out, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+        started = time.perf_counter()
+        rows = run_tests(list(TESTS), workers, skip=(COMPILE_TEST,))
+        outputs = []
+        for shard, log in zip(shards, logs, strict=True):
+            try:
+                shard.wait(timeout=max(1.0, STAGE_TIMEOUT - (time.perf_counter() - started)))
+                outputs.append((log.read_text(), shard.returncode))
+            except subprocess.TimeoutExpired:
+                os.killpg(shard.pid, signal.SIGKILL)
+                shard.wait()
+                outputs.append((log.read_text() + f"\ntimed out after {STAGE_TIMEOUT} s", None))
+    failed = [(out, code) for out, code in outputs if code != 0]
+    detail = "\n".join(out[-3000:] for out, _ in failed) or None
+    status = "PASS" if not failed else "CRASH" if any(code and code < 0 for _, code in failed) else "FAIL"
+    rows.append(_row(COMPILE_TEST, status, round(time.perf_counter() - started, 2), detail))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ sweep

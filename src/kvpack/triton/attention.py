@@ -17,8 +17,12 @@ instructions on the GPU), and the scales are folded into the small operands inst
 scale row into ``q``, a per-token value scale into the softmax weights, zero points as rank-one
 corrections (see :func:`_key_scores`, :func:`_value_product`). Layouts this cannot fold (per-token
 scales in channel groups, blocks no tile size divides) dequantize the tile in registers as
-:func:`kvpack.reference.dequantize` does. The result equals attention over the dequantized cache up to
-float16 rounding of the folded operands (the reference rounds the dequantized keys to the model dtype).
+:func:`kvpack.reference.dequantize` does. Packed int4/int2 keys are scored one bit field at a time
+(:func:`_packed_key_scores`): field ``k`` of byte column ``j`` is channel ``per_byte * j + k``, so the
+query is split into the matching channels once, and the codes go to the dot as they come out of the
+bytes, never interleaved back into channel order. The result equals attention over the dequantized
+cache up to float16 rounding of the folded operands (the reference rounds the dequantized keys to the
+model dtype).
 
 Masking, per batch row ``b`` with valid tokens ``[start_b, end_b)`` (default ``[0, seq_length)``): query
 ``i`` of ``Lq`` sits at position ``end_b - Lq + i`` and sees keys ``start_b <= j <= end_b - Lq + i``. A
