@@ -259,3 +259,12 @@ def test_channel_scales_win_for_keys_and_token_scales_for_values(bits: int, seed
 
     assert err(keys, "channel") * 1.5 < err(keys, "token")  # about 2x (int4) to 3x (int8) on this data
     assert err(values, "token") * 3 < err(values, "channel")  # about 4-5x
+
+
+def test_submodules_load_on_first_use() -> None:
+    import kvpack
+
+    assert kvpack.cache.QuantizedLayer.__module__ == "kvpack.cache"
+    assert callable(kvpack.attention.decode)
+    with pytest.raises(AttributeError, match="no attribute"):
+        kvpack.not_a_module  # noqa: B018
