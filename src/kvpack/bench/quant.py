@@ -50,6 +50,8 @@ _WARMUP_ELEMENTS = 1 << 20  # size of the CPU warm-up slice (JIT compilation, pe
 _DEFAULT_OUT = "kvpack-results"
 _CPU_BUDGET = 180.0  # default run budget on the CPU, seconds
 _FIT_MIN_ELEMENTS = 1 << 22  # smallest configuration whose fixed cost helps predict larger ones
+#: Rows predicted to take less than this fraction of the run budget are never skipped by it.
+_CHEAP = 0.01
 
 
 @dataclass
@@ -530,14 +532,15 @@ class _Bench:
                 f"one repetition predicted to take {one:.3g} s, over the --row-budget of {budget:g} s "
                 f"(extrapolated from {source})"
             )
-        if one > room:
+        # a row of under 1% of the run budget costs too little to plan around: it always runs
+        if one > room and one > _CHEAP * self.s.budget:
             return 0, (
                 f"one repetition predicted to take {one:.3g} s (extrapolated from {source}); the run's "
                 f"--budget of {self.s.budget:g} s has {max(room, 0.0):.3g} s left after keeping the "
                 "reference's share of the configurations still to come"
             )
         # repeats spend at most half the room: predictions err, and the larger sizes come later
-        return max(1, min(self.s.repeats, int(min(budget, room / 2) // max(one, 1e-9)))), None
+        return max(1, min(self.s.repeats, int(min(budget, max(room, 0.0) / 2) // max(one, 1e-9)))), None
 
     def _time(
         self, r: Runner, x: torch.Tensor, repeats: int, channels: int
