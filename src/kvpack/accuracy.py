@@ -113,7 +113,7 @@ def measure(
     for fmt in formats:
         scheme = parse(fmt)
         x_hat = roundtrip(x, scheme, backend).reshape(-1, d)
-        rep = metrics.report(flat, x_hat)
+        rep = metrics.report(flat, x_hat, q if is_key else None)
         if is_key:
             out_err = metrics.attention_output_error(
                 q, flat, partner.reshape(-1, d), x_hat, partner.reshape(-1, d)
@@ -131,7 +131,7 @@ def measure(
                 "max_abs_error": rep["max_abs_error"],
                 "relative_l2_error": rep["relative_l2_error"],
                 "sqnr_db": rep["sqnr_db"],
-                "attention_score_error": metrics.attention_score_error(q, flat, x_hat) if is_key else None,
+                "attention_score_error": rep.get("attention_score_error"),
                 "attention_output_error": out_err,
                 "attention_kl": metrics.attention_kl(q, flat, x_hat) if is_key else None,
             }
