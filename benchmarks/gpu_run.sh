@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs kvpack's GPU tests, checks and benchmarks on a CUDA machine, one stage after another.
-# Usage: bash benchmarks/gpu_run.sh STAGE...   (stages: env tests cuda triton attention bench
-# bench-large bench-attention e2e eval). Logs and results go to ${OUT:-gpu-out}.
+# Usage: bash benchmarks/gpu_run.sh STAGE...   (stages: env tests cuda triton attention sweep bench
+# bench-large bench-attention e2e eval tune, and pytest:FILE for one test file in 8 workers).
+# Logs and results go to ${OUT:-gpu-out}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -28,6 +29,9 @@ for s in "$@"; do
     cuda) stage cuda python3 benchmarks/gpu_check_cuda.py ;;
     triton) stage triton python3 benchmarks/gpu_check_triton.py ;;
     attention) stage attention python3 benchmarks/gpu_check_attention.py --no-sweep ;;
+    sweep) stage sweep python3 benchmarks/gpu_check_attention.py --no-tests --no-bench ;;
+    pytest:*) f=${s#pytest:}; stage "pytest-$(basename "$f" .py)" python3 -m pytest -v -rfEs -p no:cacheprovider \
+      -n "${PYTEST_WORKERS:-8}" "$f" ;;
     bench) stage bench "${kvpack[@]}" bench --out "$OUT/results/bench" ;;
     bench-large) stage bench-large "${kvpack[@]}" bench --large --out "$OUT/results/bench-large" ;;
     bench-attention) stage bench-attention "${kvpack[@]}" bench-attention --out "$OUT/results/attention" ;;
@@ -36,7 +40,7 @@ for s in "$@"; do
             stage "eval-$mode" "${kvpack[@]}" eval --model smollm2-135m --formats int8,int4 --chunk 16 \
               --attention "$mode" --out "$OUT/results/eval-$mode"
           done ;;
-    tune) stage tune python3 benchmarks/tune_quant.py ;;
+    tune) stage tune python3 benchmarks/tune_quant.py ${TUNE_WORDS:-} ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -299,24 +299,35 @@ def _load_scales(scale_ptr, zero_ptr, offs, mask, SYMMETRIC: tl.constexpr):
 
 @triton.jit
 def _grid_tile(n_rows, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The tile of program ``(i, j)`` over ``[n_rows, D]``: its flat rows, which exist, its first
-    channel, its channels, and which elements exist."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < n_rows
+    """The tile of program ``(i, j)`` over ``[n_rows, D]``: its first flat row (int64), its rows as
+    offsets from it (int32: the launcher keeps ``BLOCK_T * D`` below 2^31), which rows exist, its first
+    channel, its channels, and which elements exist. Addresses are a 64-bit scalar base plus 32-bit
+    offsets, rather than 64-bit arithmetic for every element."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_T
+    t = tl.arange(0, BLOCK_T)
+    row_ok = t < tl.minimum(n_rows - row0, BLOCK_T).to(tl.int32)
     col0 = tl.program_id(1) * BLOCK_D
     d = col0 + tl.arange(0, BLOCK_D)
-    return rows, row_ok, col0, d, row_ok[:, None] & (d < D)[None, :]
+    return row0, t, row_ok, col0, d, row_ok[:, None] & (d < D)[None, :]
 
 
 @triton.jit
-def _scale_offsets(rows, d, T, G, sT, sD, CHANNEL: tl.constexpr):
-    """Offsets into ``scale [B, sT, sD]`` of the elements (flat row ``b * T + t``, channel ``d``):
-    ``[b, t // G, d]`` for channel-axis scales, ``[b, t, d // G]`` for token-axis ones."""
+def _tile_scales(scale_ptr, zero_ptr, row0, t, d, mask, T, G, sT, sD,
+                 CHANNEL: tl.constexpr, ROW_SCALES: tl.constexpr, SYMMETRIC: tl.constexpr):
+    """Scales and zero points of a tile's elements (flat rows ``row0 + t``, channels ``d``), shaped to
+    broadcast against it: one scale row for the whole tile when ``ROW_SCALES`` (channel axis, a tile
+    inside one block of ``G`` tokens of one batch row), else looked up element by element at
+    ``[b, t // G, d]`` (channel axis) or ``[b, t, d // G]`` (token axis)."""
+    if ROW_SCALES:
+        srow = ((row0 // T) * sT + (row0 % T) // G) * sD
+        s, z = _load_scales(scale_ptr + srow, zero_ptr + srow, d, d < sD, SYMMETRIC)
+        return tl.broadcast_to(s[None, :], mask.shape), tl.broadcast_to(z[None, :], mask.shape)
+    rows = row0 + t
     if CHANNEL:
         offs = ((rows // T) * sT + (rows % T) // G)[:, None] * sD + d[None, :]
     else:
         offs = (rows * sD)[:, None] + (d // G)[None, :]
-    return offs
+    return _load_scales(scale_ptr, zero_ptr, offs, mask, SYMMETRIC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,18 +362,20 @@ def _channel_kernel(
     d = col0 + tl.arange(0, BLOCK_D)
     d_ok = d < D
     t = tl.arange(0, BLOCK_T)
+    # Addresses: a 64-bit base at the span's first row, 32-bit offsets inside it (the launcher keeps
+    # span * D below 2^31).
+    x_span = x_ptr + (row0 + t_lo) * D
+    n = (t_hi - t_lo).to(tl.int32)
     if ONE_CHUNK:
-        row_ok = t_lo + t < t_hi
-        rows = row0 + t_lo + t
+        row_ok = t < n
         mask = row_ok[:, None] & d_ok[None, :]
-        x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_span + (t[:, None] * D + d[None, :]), mask=mask, other=0.0).to(tl.float32)
         hi, lo = _stats(x, mask, 0, SYMMETRIC)
     else:
         hi, lo = _stats_init(BLOCK_D, SYMMETRIC)
-        for t0 in range(t_lo, t_hi, BLOCK_T):
-            rows = row0 + t0 + t
-            mask = (t0 + t < t_hi)[:, None] & d_ok[None, :]
-            x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        for t0 in range(0, n, BLOCK_T):
+            mask = (t0 + t < n)[:, None] & d_ok[None, :]
+            x = tl.load(x_span + ((t0 + t)[:, None] * D + d[None, :]), mask=mask, other=0.0).to(tl.float32)
             h, low = _stats(x, mask, 0, SYMMETRIC)
             hi = tl.maximum(hi, h)
             lo = tl.minimum(lo, low)
@@ -376,20 +389,20 @@ def _channel_kernel(
         if ENCODE:
             PER: tl.constexpr = 8 // BITS
             limit = DB - col0 // PER
+            c_span = codes_ptr + (row0 + t_lo) * DB
             if ONE_CHUNK:
                 _encode_tile(
-                    codes_ptr, x, mask, s[None, :], z[None, :], rows * DB + col0 // PER, limit, row_ok,
+                    c_span, x, mask, s[None, :], z[None, :], t * DB + col0 // PER, limit, row_ok,
                     BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
                 )
             else:
-                for t0 in range(t_lo, t_hi, BLOCK_T):
-                    rows = row0 + t0 + t
-                    row_ok = t0 + t < t_hi
+                for t0 in range(0, n, BLOCK_T):
+                    row_ok = t0 + t < n
                     mask = row_ok[:, None] & d_ok[None, :]
-                    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(x_span + ((t0 + t)[:, None] * D + d[None, :]), mask=mask, other=0.0)
                     _encode_tile(
-                        codes_ptr, x, mask, s[None, :], z[None, :], rows * DB + col0 // PER, limit, row_ok,
-                        BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
+                        c_span, x.to(tl.float32), mask, s[None, :], z[None, :], (t0 + t) * DB + col0 // PER,
+                        limit, row_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
                     )
 
 
@@ -554,16 +567,17 @@ def _encode_kernel(
     x_ptr, codes_ptr, scale_ptr, zero_ptr,
     n_rows, T, D, DB, G, sT, sD,
     BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
-    FP8_EMIN: tl.constexpr, CHANNEL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP8_EMIN: tl.constexpr, CHANNEL: tl.constexpr, ROW_SCALES: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Codes of the tile (flat rows ``b * T + t``, channels) from the stored scales and zero points,
     either axis (``reference.encode``)."""
-    rows, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
-    x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-    s, z = _load_scales(scale_ptr, zero_ptr, _scale_offsets(rows, d, T, G, sT, sD, CHANNEL), mask, SYMMETRIC)
+    row0, t, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
+    x = tl.load(x_ptr + row0 * D + (t[:, None] * D + d[None, :]), mask=mask, other=0.0).to(tl.float32)
+    s, z = _tile_scales(scale_ptr, zero_ptr, row0, t, d, mask, T, G, sT, sD, CHANNEL, ROW_SCALES, SYMMETRIC)
     PER: tl.constexpr = 8 // BITS
     _encode_tile(
-        codes_ptr, x, mask, s, z, rows * DB + col0 // PER, DB - col0 // PER, row_ok,
+        codes_ptr + row0 * DB, x, mask, s, z, t * DB + col0 // PER, DB - col0 // PER, row_ok,
         BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
     )
 
@@ -572,17 +586,18 @@ def _encode_kernel(
 def _dequantize_kernel(
     codes_ptr, scale_ptr, zero_ptr, out_ptr,
     n_rows, T, D, DB, G, sT, sD,
-    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, CHANNEL: tl.constexpr, OUT_BF16: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BITS: tl.constexpr, SYMMETRIC: tl.constexpr, CHANNEL: tl.constexpr, ROW_SCALES: tl.constexpr,
+    OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``x_hat = q * scale (+ zero)`` of the tile (flat rows, channels), either axis
-    (``reference.dequantize``); each element's scale is looked up by its indices."""
-    rows, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
+    (``reference.dequantize``)."""
+    row0, t, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
     PER: tl.constexpr = 8 // BITS
-    q = _load_codes(codes_ptr, rows * DB + col0 // PER, DB - col0 // PER, row_ok, BITS, BLOCK_T, BLOCK_D)
-    s, z = _load_scales(scale_ptr, zero_ptr, _scale_offsets(rows, d, T, G, sT, sD, CHANNEL), mask, SYMMETRIC)
+    q = _load_codes(codes_ptr + row0 * DB, t * DB + col0 // PER, DB - col0 // PER, row_ok, BITS, BLOCK_T,
+                    BLOCK_D)
+    s, z = _tile_scales(scale_ptr, zero_ptr, row0, t, d, mask, T, G, sT, sD, CHANNEL, ROW_SCALES, SYMMETRIC)
     y = _dequantize_values(q, s, z, SYMMETRIC, OUT_BF16)
-    tl.store(out_ptr + rows[:, None] * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row0 * D + (t[:, None] * D + d[None, :]), y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -635,6 +650,8 @@ def _grid_tiles(rows: int, channels: int) -> Tiles:
     """Default tiles of the encode and dequantize kernels: up to 512 channels (2 KB of float32) wide."""
     block_d = min(max(_pow2(channels), 8), 512)
     block_t = min(_pow2(rows), max(_TILE // block_d, 1))
+    while block_t > 1 and block_t * channels >= 2**31:  # tiles index in 32 bits
+        block_t //= 2
     return Tiles(block_t, block_d, num_warps=_warps(block_t * block_d))
 
 
@@ -748,6 +765,10 @@ def _launch_channel(
         )
         return
     grid = (b * n_groups * tiles.splits, n_dblocks)
+    span = triton.cdiv(triton.cdiv(g, tiles.splits), tiles.block_t) * tiles.block_t
+    if min(span, g) * d >= 2**31:  # the kernel indexes one program's rows in 32 bits
+        raise ValueError(f"a group of {g} tokens x {d} channels split {tiles.splits} ways leaves 2^31 or "
+                         "more elements to one program; use more splits")
     if tiles.splits == 1:
         _channel_kernel[grid](
             x, scale if codes is None else codes, scale, scale if zero is None else zero,
@@ -755,7 +776,6 @@ def _launch_channel(
             ONE_CHUNK=g <= tiles.block_t, PARTIAL=False, ENCODE=codes is not None, **consts,
         )
         return
-    span = triton.cdiv(triton.cdiv(g, tiles.splits), tiles.block_t) * tiles.block_t
     hi = torch.empty((grid[0], d), dtype=torch.float32, device=x.device)
     lo = hi if scheme.symmetric else torch.empty_like(hi)
     _channel_kernel[grid](
@@ -806,12 +826,27 @@ def _launch_encode(
     scheme: Scheme, tiles: Tiles,
 ) -> None:
     b, t, d = x.shape
+    g = scheme.group_size(t, d)
+    _check_tile_offsets(tiles, d)
     _encode_kernel[(triton.cdiv(b * t, tiles.block_t), triton.cdiv(d, tiles.block_d))](
         x, codes, scale, scale if zero is None else zero,
-        b * t, t, d, codes.shape[2], scheme.group_size(t, d), scale.shape[1], scale.shape[2],
-        CHANNEL=scheme.axis == "channel", BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
-        **tiles.launch, **_meta(scheme),
+        b * t, t, d, codes.shape[2], g, scale.shape[1], scale.shape[2],
+        CHANNEL=scheme.axis == "channel", ROW_SCALES=_row_scales(scheme, t, g, tiles),
+        BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, **tiles.launch, **_meta(scheme),
     )
+
+
+def _row_scales(scheme: Scheme, tokens: int, group: int, tiles: Tiles) -> bool:
+    """Whether every tile of the encode/dequantize grid lies in one row of channel-axis scales: its
+    ``block_t`` rows inside one block of ``group`` tokens of one batch row."""
+    return scheme.axis == "channel" and tokens % tiles.block_t == 0 and group % tiles.block_t == 0
+
+
+def _check_tile_offsets(tiles: Tiles, width: int) -> None:
+    """The grid kernels index inside a tile in 32 bits."""
+    if tiles.block_t > 1 and tiles.block_t * width >= 2**31:
+        raise ValueError(f"rows of {width} elements are too wide for tiles of {tiles.block_t} rows (2^31 "
+                         "elements per tile); use tiles with fewer rows")
 
 
 def _scales_and_codes(
@@ -923,9 +958,10 @@ def dequantize(
         )
         return out
     tiles = tiles or _grid_tiles(b * t, channels)
+    _check_tile_offsets(tiles, channels)
     _dequantize_kernel[(triton.cdiv(b * t, tiles.block_t), triton.cdiv(channels, tiles.block_d))](
         codes, scale, scale if zero is None else zero, out, b * t, t, channels, codes.shape[2], g, st, sd,
-        CHANNEL=scheme.axis == "channel", BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d,
-        enable_fp_fusion=False, **tiles.launch, **consts,
+        CHANNEL=scheme.axis == "channel", ROW_SCALES=_row_scales(scheme, t, g, tiles),
+        BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, enable_fp_fusion=False, **tiles.launch, **consts,
     )
     return out
