@@ -38,7 +38,7 @@ for s in "$@"; do
     e2e) stage e2e "${kvpack[@]}" bench-attention --e2e --no-kernels --out "$OUT/results/e2e" ;;
     eval) for mode in dequantize fused; do
             stage "eval-$mode" "${kvpack[@]}" eval --model smollm2-135m --formats int8,int4 --chunk 16 \
-              --attention "$mode" --out "$OUT/results/eval-$mode"
+              --attention "$mode" --dtype "${EVAL_DTYPE:-float16}" --out "$OUT/results/eval-$mode"
           done ;;
     tune) stage tune python3 benchmarks/tune_quant.py ${TUNE_WORDS:-} ;;
     *) echo "unknown stage $s"; exit 2 ;;

@@ -171,8 +171,8 @@ def sweep_configs(base: KernelConfig) -> list[KernelConfig]:
     from kvpack.triton.attention import KernelConfig
 
     configs = [base]
-    configs += [KernelConfig(block_n=n, num_warps=w, num_stages=s) for n in (32, 64) for w in (2, 4, 8)
-                for s in (2, 3, 4)]
+    configs += [KernelConfig(block_n=n, num_warps=w, num_stages=s) for n in (32, 64) for w in (1, 2, 4)
+                for s in (2, 3)]
     configs += [replace(base, num_splits=s) for s in (4, 8, 16, 32, 64)]
     return configs
 
