@@ -11,7 +11,6 @@ signatures of :mod:`kvpack.reference`.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -47,9 +46,26 @@ _MODULES = {
 }
 
 
-@functools.cache
+#: Which optional packages are installed, looked up once at import (``find_spec`` imports nothing).
+#: A plain dict so that ``torch.compile`` can trace backend resolution: Dynamo refuses
+#: ``importlib.util.find_spec``.
+_INSTALLED = {m: importlib.util.find_spec(m) is not None for m in ("numba", "cupy", "triton")}
+#: Backends by name, for the same reason (Dynamo of torch 2.11 cannot trace ``Backend(value)``).
+_BY_NAME = {b.value: b for b in Backend}
+
+
 def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    return _INSTALLED[module]
+
+
+def _backend(backend: Backend | str) -> Backend:
+    """``backend`` as a :class:`Backend`; ValueError naming the choices for an unknown name."""
+    if isinstance(backend, Backend):
+        return backend
+    if backend not in _BY_NAME:
+        names = ", ".join(_BY_NAME)
+        raise ValueError(f"unknown backend {backend!r}; choose one of: {names}")
+    return _BY_NAME[backend]
 
 
 def triton_interpreted() -> bool:
@@ -63,7 +79,7 @@ def _is_paper_scheme(scheme: Scheme) -> bool:
 
 def why_not(backend: Backend, scheme: Scheme, device: torch.device) -> str | None:
     """The reason ``backend`` cannot run ``scheme`` on ``device``, or None if it can."""
-    backend = Backend(backend)
+    backend = _backend(backend)
     if backend == Backend.TORCH:
         return None
     if backend == Backend.CPU_SCALAR:
@@ -95,11 +111,7 @@ def why_not(backend: Backend, scheme: Scheme, device: torch.device) -> str | Non
 
 def resolve(backend: Backend | str, scheme: Scheme, device: torch.device) -> Backend:
     """Turn ``auto`` (or ``KVPACK_BACKEND``) into a concrete backend; check an explicit one can run."""
-    try:
-        backend = Backend(backend)
-    except ValueError:
-        names = ", ".join(b.value for b in Backend)
-        raise ValueError(f"unknown backend {backend!r}; choose one of: {names}") from None
+    backend = _backend(backend)
     if backend == Backend.AUTO and os.environ.get("KVPACK_BACKEND"):
         return resolve(os.environ["KVPACK_BACKEND"], scheme, device)
     if backend == Backend.AUTO:
@@ -122,7 +134,7 @@ def implementation(backend: Backend) -> ModuleType:
     """The object implementing a concrete backend (imported on first use): a module with
     ``compute_scales``, ``encode``, ``quantize`` and ``dequantize``; the CUDA variants share one
     module, which hands out a per-variant namespace."""
-    backend = Backend(backend)
+    backend = _backend(backend)
     mod = importlib.import_module(_MODULES[backend])
     if backend in CUDA_VARIANTS:
         return mod.variant(backend.value.removeprefix("cuda-"))

@@ -692,8 +692,11 @@ def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: 
     heads, whose tiles 2 warps cannot hold in registers."""
     per_channel = key_scheme.axis == "channel" or value_scheme.axis == "channel"
     block_n = 64
+    # 16-token tiles only for 8-bit codes: packed int4/int2 tiles of 16 tokens gave wrong scores on an
+    # H100 (Triton 3.6); their groups of 16 or 48 tokens read scales per element in 64-token tiles.
+    smallest = 16 if min(key_scheme.bits, value_scheme.bits) == 8 else 32
     if per_channel and group % block_n:
-        block_n = next((n for n in (32, 16) if group % n == 0), 64)
+        block_n = next((n for n in (32, 16) if n >= smallest and group % n == 0), 64)
     return KernelConfig(block_n=block_n, num_warps=8 if head_dim > 128 else 2)
 
 

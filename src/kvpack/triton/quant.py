@@ -104,9 +104,12 @@ TUNED_MIN_ELEMENTS = 1 << 24
 #: Tiles measured best on large inputs, by ``(operation, format, dtype)``; ``operation`` is
 #: ``quantize``, ``compute_scales``, ``encode`` or ``dequantize`` (whose dtype is the output's). Only
 #: the speed depends on them; ``benchmarks/tune_quant.py`` prints a replacement for this table.
-#: H100 (2026-11-23), 131072 x 8192: the split reduction in 512-channel blocks, 3.20 ms against 3.37.
+#: H100 (2026-11-23), 131072 x 8192: the split reduction in 512-channel blocks, 3.20 ms against 3.37;
+#: int8-channel-g128 from float16 in 64-token x 128-channel tiles of 4 warps, 1.54 ms against 1.75
+#: (benchmarks/results/h100/round2/tune-tile-addressing.log).
 TUNED: dict[tuple[str, str, str], Tiles] = {
     ("quantize", "int8-channel", "float32"): Tiles(16, 512, splits=33, num_warps=8),
+    ("quantize", "int8-channel-g128", "float16"): Tiles(64, 128, num_warps=4),
 }
 
 
@@ -209,64 +212,20 @@ def _store_scales(scale_ptr, zero_ptr, offs, mask, s, z, SYMMETRIC: tl.constexpr
         tl.store(zero_ptr + offs, z.to(zero_ptr.dtype.element_ty), mask=mask)
 
 
-#: The scales whose quotients :func:`_quotient` forms from a reciprocal: the reciprocal stays a normal
-#: float, and the residual of every quotient that can change a code is exact.
-_FAST_LO = tl.constexpr(2.0**-60)
-_FAST_HI = tl.constexpr(2.0**60)
-#: The interpreter's ``tl.fma`` rounds twice; there :func:`_quotient` always divides.
-_INTERPRETED = tl.constexpr(triton_interpreted())
-
-
-@triton.jit
-def _reciprocal(s, BOUNDED: tl.constexpr):
-    """``(1 / s, fast)`` for a vector of scales: the correctly rounded reciprocals, and whether
-    :func:`_quotient` may use them: the scales come from the data they divide (``BOUNDED``: every
-    quotient is at most about ``qmax``, none overflows) and all lie in [2^-60, 2^60] (NaN and inf
-    scales do not)."""
-    if BOUNDED:
-        fast = (tl.min(s) >= _FAST_LO) & (tl.max(s) <= _FAST_HI)
-    else:
-        fast = False
-    return tl.div_rn(tl.full(s.shape, 1.0, tl.float32), s), fast
-
-
-@triton.jit
-def _quotient(a, s, r, fast):
-    """``a / s`` rounded to nearest even, as IEEE division, given ``r = RN(1 / s)``.
-
-    With ``fast`` (a uniform branch: every scale of the tile in range): ``q0 = RN(a r)`` is within 1.5
-    ulp of ``a / s``; one correction ``q1 = RN(q0 + RN(a - q0 s) r)`` makes it faithful, so that the
-    residual ``a - q1 s`` is exact in one fused multiply-add, and ``RN(q1 + (a - q1 s) r)`` is the
-    correctly rounded quotient (Markstein's theorem: ``r`` within half an ulp of ``1 / s``, ``q1``
-    faithful, no underflow). One multiply and four FMAs per element instead of a full division (a
-    reciprocal, its refinement and a range check per element); the GPU tests compare every code with
-    the reference's division bit for bit."""
-    if _INTERPRETED:
-        return tl.div_rn(a, s)
-    if fast:
-        q = a * r
-        q = tl.fma(tl.fma(-s, q, a), r, q)
-        q = tl.fma(tl.fma(-s, q, a), r, q)
-    else:
-        q = tl.div_rn(a, s)
-    return q
-
-
 @triton.jit
 def _codes(
-    x, s, z, r, fast, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
-    FP8_EMIN: tl.constexpr,
+    x, s, z, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr
 ):
-    """Codes of ``x``: int32 for the integer formats, float32 FP8 grid values for FP8 (``r``, ``fast``: see
-    :func:`_quotient`). Clamping before rounding gives the reference's ``clamp(round(y))`` (the bounds
-    are integers) and keeps |y| small for the rounding trick."""
+    """Codes of ``x``: int32 for the integer formats, float32 FP8 grid values for FP8. Clamping before
+    rounding gives the reference's ``clamp(round(y))`` (the bounds are integers) and keeps |y| small
+    for the rounding trick."""
     if FP8_MANT > 0:
-        y = tl.minimum(tl.maximum(_quotient(x, s, r, fast), -QMAX), QMAX)
+        y = tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX)
         q = _fp8_round(y, FP8_MANT, FP8_EMIN)
     elif SYMMETRIC:
-        q = _round_to_int(tl.minimum(tl.maximum(_quotient(x, s, r, fast), -QMAX), QMAX))
+        q = _round_to_int(tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX))
     else:
-        q = _round_to_int(tl.minimum(tl.maximum(_quotient(x - z, s, r, fast), 0.0), QMAX))
+        q = _round_to_int(tl.minimum(tl.maximum(tl.div_rn(x - z, s), 0.0), QMAX))
     return q
 
 
@@ -321,11 +280,11 @@ def _dequantize_values(q, s, z, SYMMETRIC: tl.constexpr, OUT_BF16: tl.constexpr)
 
 @triton.jit
 def _encode_tile(
-    codes_ptr, x, mask, s, z, r, fast, base, limit, row_ok,
+    codes_ptr, x, mask, s, z, base, limit, row_ok,
     BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
     FP8_EMIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    q = _codes(x, s, z, r, fast, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN)
+    q = _codes(x, s, z, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN)
     q = tl.where(mask, q, tl.zeros_like(q))
     _store_codes(codes_ptr, q, base, limit, row_ok, BITS, BLOCK_R, BLOCK_C)
 
@@ -431,14 +390,13 @@ def _channel_kernel(
         s, z = _scale_zero(hi, lo, QMAX, SYMMETRIC)
         _store_scales(scale_ptr, zero_ptr, bg * D + d, d_ok, s, z, SYMMETRIC)
         if ENCODE:
-            r, fast = _reciprocal(s, True)
             PER: tl.constexpr = 8 // BITS
             limit = DB - col0 // PER
             c_span = codes_ptr + (row0 + t_lo) * DB
             if ONE_CHUNK:
                 _encode_tile(
-                    c_span, x, mask, s[None, :], z[None, :], r[None, :], fast, t * DB + col0 // PER, limit,
-                    row_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
+                    c_span, x, mask, s[None, :], z[None, :], t * DB + col0 // PER, limit, row_ok,
+                    BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
                 )
             else:
                 for t0 in range(0, n, BLOCK_T):
@@ -446,9 +404,8 @@ def _channel_kernel(
                     mask = row_ok[:, None] & d_ok[None, :]
                     x = tl.load(x_span + ((t0 + t)[:, None] * D + d[None, :]), mask=mask, other=0.0)
                     _encode_tile(
-                        c_span, x.to(tl.float32), mask, s[None, :], z[None, :], r[None, :], fast,
-                        (t0 + t) * DB + col0 // PER, limit, row_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN,
-                        BLOCK_T, BLOCK_D,
+                        c_span, x.to(tl.float32), mask, s[None, :], z[None, :], (t0 + t) * DB + col0 // PER,
+                        limit, row_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
                     )
 
 
@@ -528,10 +485,9 @@ def _channel_pipeline_kernel(
             _store_scales(scale_ptr, zero_ptr, bg * D + d, d_ok & (chunk == 0), s, z, SYMMETRIC)
             x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
             PER: tl.constexpr = 8 // BITS
-            r, fast = _reciprocal(s, True)
             _encode_tile(
-                codes_ptr, x, mask, s[None, :], z[None, :], r[None, :], fast, rows * DB + col0 // PER,
-                DB - col0 // PER, row_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
+                codes_ptr, x, mask, s[None, :], z[None, :], rows * DB + col0 // PER, DB - col0 // PER, row_ok,
+                BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
             )
 
 
@@ -593,11 +549,10 @@ def _token_kernel(
     s, z = _scale_zero(hi, lo, QMAX, SYMMETRIC)
     _store_scales(scale_ptr, zero_ptr, p, p_ok, s, z, SYMMETRIC)
     if ENCODE:
-        r, fast = _reciprocal(s, True)
         PER: tl.constexpr = 8 // BITS
         if ONE_CHUNK:
             _encode_tile(
-                codes_ptr, x, mask, s[:, None], z[:, None], r[:, None], fast, cbase, n_bytes, p_ok,
+                codes_ptr, x, mask, s[:, None], z[:, None], cbase, n_bytes, p_ok,
                 BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_R, BLOCK_G,
             )
         else:
@@ -605,8 +560,8 @@ def _token_kernel(
                 mask = p_ok[:, None] & (k0 + k[None, :] < length)
                 x = tl.load(x_ptr + base[:, None] + k0 + k[None, :], mask=mask, other=0.0).to(tl.float32)
                 _encode_tile(
-                    codes_ptr, x, mask, s[:, None], z[:, None], r[:, None], fast, cbase + k0 // PER,
-                    n_bytes - k0 // PER, p_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_R, BLOCK_G,
+                    codes_ptr, x, mask, s[:, None], z[:, None], cbase + k0 // PER, n_bytes - k0 // PER, p_ok,
+                    BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_R, BLOCK_G,
                 )
 
 
@@ -615,30 +570,19 @@ def _encode_kernel(
     x_ptr, codes_ptr, scale_ptr, zero_ptr,
     n_rows, T, D, DB, G, sT, sD,
     BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
-    FP8_EMIN: tl.constexpr, CHANNEL: tl.constexpr, ROW_SCALES: tl.constexpr, BOUNDED: tl.constexpr,
+    FP8_EMIN: tl.constexpr, CHANNEL: tl.constexpr, ROW_SCALES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Codes of the tile (flat rows ``b * T + t``, channels) from the stored scales and zero points,
-    either axis (``reference.encode``). ``BOUNDED``: the scales were computed from this ``x`` (see
-    :func:`_reciprocal`)."""
+    either axis (``reference.encode``)."""
     row0, t, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
     x = tl.load(x_ptr + row0 * D + (t[:, None] * D + d[None, :]), mask=mask, other=0.0).to(tl.float32)
+    s, z = _tile_scales(scale_ptr, zero_ptr, row0, t, d, mask, T, G, sT, sD, CHANNEL, ROW_SCALES, SYMMETRIC)
     PER: tl.constexpr = 8 // BITS
-    codes_tile = codes_ptr + row0 * DB
-    if ROW_SCALES:
-        srow = ((row0 // T) * sT + (row0 % T) // G) * sD
-        s, z = _load_scales(scale_ptr + srow, zero_ptr + srow, d, d < sD, SYMMETRIC)
-        r, fast = _reciprocal(s, BOUNDED)
-        _encode_tile(
-            codes_tile, x, mask, s[None, :], z[None, :], r[None, :], fast, t * DB + col0 // PER,
-            DB - col0 // PER, row_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
-        )
-    else:
-        s, z = _tile_scales(scale_ptr, zero_ptr, row0, t, d, mask, T, G, sT, sD, CHANNEL, False, SYMMETRIC)
-        _encode_tile(
-            codes_tile, x, mask, s, z, s, False, t * DB + col0 // PER, DB - col0 // PER, row_ok,
-            BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
-        )
+    _encode_tile(
+        codes_ptr + row0 * DB, x, mask, s, z, t * DB + col0 // PER, DB - col0 // PER, row_ok,
+        BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
+    )
 
 
 @triton.jit
@@ -847,7 +791,7 @@ def _launch_channel(
         QMAX=scheme.qmax, SYMMETRIC=scheme.symmetric, BLOCK=1024,
     )
     if codes is not None:
-        _launch_encode(x, codes, scale, zero, scheme, tiles, bounded=True)
+        _launch_encode(x, codes, scale, zero, scheme, tiles)
 
 
 def _even(scheme: Scheme, group: int, channels: int) -> dict:
@@ -877,21 +821,20 @@ def _launch_token(
         ENCODE=codes is not None and not straddle, **_even(scheme, g, d), **tiles.launch, **_meta(scheme),
     )
     if codes is not None and straddle:
-        _launch_encode(x, codes, scale, zero, scheme, _grid_tiles(b * t, d), bounded=True)
+        _launch_encode(x, codes, scale, zero, scheme, _grid_tiles(b * t, d))
 
 
 def _launch_encode(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-    scheme: Scheme, tiles: Tiles, bounded: bool = False,
+    scheme: Scheme, tiles: Tiles,
 ) -> None:
-    """Codes of ``x`` from given scales; ``bounded``: the scales were computed from ``x`` itself."""
     b, t, d = x.shape
     g = scheme.group_size(t, d)
     _check_tile_offsets(tiles, d)
     _encode_kernel[(triton.cdiv(b * t, tiles.block_t), triton.cdiv(d, tiles.block_d))](
         x, codes, scale, scale if zero is None else zero,
         b * t, t, d, codes.shape[2], g, scale.shape[1], scale.shape[2],
-        CHANNEL=scheme.axis == "channel", ROW_SCALES=_row_scales(scheme, t, g, tiles), BOUNDED=bounded,
+        CHANNEL=scheme.axis == "channel", ROW_SCALES=_row_scales(scheme, t, g, tiles),
         BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, **tiles.launch, **_meta(scheme),
     )
 
