@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs kvpack's GPU tests, checks and benchmarks on a CUDA machine, one stage after another.
 # Usage: bash benchmarks/gpu_run.sh STAGE...   (stages: env tests cuda triton attention sweep bench
-# bench-large bench-attention e2e eval tune, and pytest:FILE for one test file in 8 workers).
+# bench-g128 bench-large bench-attention e2e eval tune, and pytest:FILE for one test file in 8 workers).
 # Logs and results go to ${OUT:-gpu-out}.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,8 @@ for s in "$@"; do
     pytest:*) f=${s#pytest:}; stage "pytest-$(basename "$f" .py)" python3 -m pytest -v -rfEs -p no:cacheprovider \
       -n "${PYTEST_WORKERS:-8}" "$f" ;;
     bench) stage bench "${kvpack[@]}" bench --out "$OUT/results/bench" ;;
+    bench-g128) stage bench-g128 "${kvpack[@]}" bench --configs 131072x8192 --dtype float16 --format int8-channel-g128 \
+      --no-cpu-baselines --out "$OUT/results/bench-g128-fp16" ;;
     bench-large) stage bench-large "${kvpack[@]}" bench --large --out "$OUT/results/bench-large" ;;
     bench-attention) stage bench-attention "${kvpack[@]}" bench-attention --out "$OUT/results/attention" ;;
     e2e) stage e2e "${kvpack[@]}" bench-attention --e2e --no-kernels --out "$OUT/results/e2e" ;;
