@@ -18,8 +18,11 @@ _ERRORS = tuple(c for c in quant.ERROR_COLUMNS if c not in ("config", "backend")
 
 
 def _bench(tmp_path: Path, capsys: pytest.CaptureFixture, *args: str, code: int = 0) -> dict:
+    """``kvpack bench --json`` with ``args``, on the CPU unless they name a device (the CPU tests must
+    not pick up a GPU where there is one)."""
     out = tmp_path / "out"
-    rc = cli.main(["bench", "--json", "--no-plots", "--out", str(out), "--repeats", "2", *args])
+    device = [] if "--device" in args else ["--device", "cpu"]
+    rc = cli.main(["bench", "--json", "--no-plots", "--out", str(out), "--repeats", "2", *device, *args])
     captured = capsys.readouterr()
     assert rc == code, captured.err
     results = json.loads(captured.out)
@@ -275,7 +278,8 @@ def test_bench_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
     rc = cli.main(
-        ["bench", "--configs", "2048x128", "--repeats", "1", "--backends", "torch", "--out", str(out)]
+        ["bench", "--configs", "2048x128", "--repeats", "1", "--backends", "torch", "--device", "cpu",
+         "--out", str(out)]
     )
     printed = capsys.readouterr().out
     assert rc == 0
@@ -308,7 +312,7 @@ def test_bench_report_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture) -
 @pytest.mark.gpu
 @requires_cuda
 def test_bench_on_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    results = _bench(tmp_path, capsys, "--configs", "2048x128,1000x130")
+    results = _bench(tmp_path, capsys, "--configs", "2048x128,1000x130", "--device", "cuda")
     assert results["environment"]["device"].startswith("cuda") and results["environment"]["cuda"]
     rows = {(r["config"], r["backend"], r["device"]): r for r in results["rows"]}
     for config in ("1000x130", "2048x128"):
