@@ -311,3 +311,24 @@ def test_layers_on_two_gpus_keep_their_cache_beside_them():
     assert out.shape == (2, 70)
     for i, layer in enumerate(cache.quantized_layers):
         assert {t.device for t in layer._held()} == {torch.device(f"cuda:{i // 2}")}
+
+
+@requires_cuda
+def test_layers_split_between_gpu_and_cpu_keep_their_cache_beside_them():
+    """The one-GPU form of the device-map test: the first half of the layers on the GPU, the rest (and
+    the head) offloaded to the CPU; each layer's quantized cache lives where its layer runs."""
+    from accelerate import dispatch_model
+
+    torch.manual_seed(9)
+    model = LlamaForCausalLM(tiny_config(layers=4)).eval()
+    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": 0 if i < 2 else "cpu" for i in range(4)}}
+    model = dispatch_model(model, device_map=device_map)
+    cache = int8_cache(model)
+    ids = torch.randint(3, VOCAB, (2, 50), device="cuda:0")
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=20,
+                         do_sample=False)
+    assert out.shape == (2, 70)
+    for i, layer in enumerate(cache.quantized_layers):
+        want = torch.device("cuda:0") if i < 2 else torch.device("cpu")
+        assert {t.device for t in layer._held()} == {want}
