@@ -167,6 +167,32 @@ def test_packed_keys(key_format: str, value_format: str, group: int | None, head
     assert rel_error(decode(q, layer), expected(q, layer)) < TOLERANCE
 
 
+# Packed values accumulated one bit field at a time (KernelConfig(value_fields=True)): per-token and
+# per-channel-row scales, head dims that leave masked byte columns, one split and several; a layout it
+# does not serve (channel groups of per-token scales) falls back to the default path.
+VALUE_FIELDS = [
+    ("int4-channel-g64", "int4-token", None, 64),
+    ("int2-channel-g64", "int2-token", None, 128),
+    ("int8-channel-g32", "int4-channel-g32", 32, 128),
+    ("int4-channel", "int2-channel", 64, 96),
+    ("int8-channel", "int2-channel", 32, 32),
+    ("int4-channel-g64", "int2-token-g32", None, 64),
+]
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("key_format,value_format,group,head_dim", VALUE_FIELDS)
+def test_value_fields(key_format: str, value_format: str, group: int | None, head_dim: int,
+                      splits: int) -> None:
+    from kvpack.triton.attention import KernelConfig, default_config
+
+    layer = make_layer(key_format, value_format, group=group, tokens=230, residual=24, head_dim=head_dim)
+    base = default_config(head_dim, layer.group, layer.key_scheme, layer.value_scheme)
+    q = queries(layer, 4, 2)
+    out = decode(q, layer, config=KernelConfig(block_n=base.block_n, num_splits=splits, value_fields=True))
+    assert rel_error(out, expected(q, layer)) < TOLERANCE
+
+
 @pytest.mark.parametrize("q_len", [1, 3])
 @pytest.mark.parametrize("padding", ["left", "right", "both"])
 def test_padded_batch(padding: str, q_len: int) -> None:

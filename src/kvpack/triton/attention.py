@@ -77,12 +77,16 @@ _E5M2 = 3
 @dataclass(frozen=True)
 class KernelConfig:
     """Launch parameters of the decode kernel: tokens per tile, warps, software-pipeline stages and
-    splits (``None``: chosen from the context length and the number of SMs)."""
+    splits (``None``: chosen from the context length and the number of SMs). ``value_fields``: packed
+    int4/int2 values with per-token or per-channel-row scales accumulate ``p v`` one bit field at a
+    time (:func:`_value_fields`) instead of unpacking each tile into channel order; off by default
+    until it is measured on a GPU."""
 
     block_n: int = 64
     num_warps: int = 2
     num_stages: int = 2
     num_splits: int | None = None
+    value_fields: bool = False
 
 
 @triton.jit
@@ -508,6 +512,71 @@ def _value_product(p, codes, scale, zero, tok, ok, offs_d, d_ok, tile_start, str
 
 
 @triton.jit
+def _value_fields(p, codes, scale, zero, tok, ok, tile_start, stride_ct, stride_st, D: tl.constexpr,
+                  BITS: tl.constexpr, SMODE: tl.constexpr, ROW_DIV: tl.constexpr, FW: tl.constexpr,
+                  MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """``p v`` for a tile of packed int4/int2 values, one product per bit field: ``(o0, o1, o2, o3)``,
+    each ``[BLOCK_M, FW]`` float32, ``o_k`` holding channels ``per_byte * j + k`` (int4: o2 and o3
+    repeat o0 and o1). The codes go to the dots as :func:`_fields_f16` extracts them, never
+    interleaved into channel order; the accumulators stay split by field until the output is stored.
+    Scales fold as in :func:`_value_product`: per-token into ``p`` (``SMODE`` 1), a per-channel row
+    onto each field's columns (``SMODE`` 0); zero points add ``sum(p z)``."""
+    PER: tl.constexpr = 8 // BITS
+    raw = _byte_columns(codes, tok, ok, stride_ct, (D + PER - 1) // PER, FW, MASKED)
+    f0, f1, f2, f3 = _fields_f16(raw, BITS, INTERPRET)
+    if SMODE == 1:
+        at = tok * stride_st
+        s = _vector(scale + at, ok, MASKED)
+        top = tl.max(s, 0)
+        top = tl.where(top > 0, top, 1.0)
+        ps = (p * (s * (1.0 / top))[None, :]).to(tl.float16)
+        zp = tl.sum(p * _vector(zero + at, ok, MASKED)[None, :], 1)[:, None]
+        o0 = _mm(ps, f0, INTERPRET) * top + zp
+        o1 = _mm(ps, f1, INTERPRET) * top + zp
+        if BITS == 2:
+            o2 = _mm(ps, f2, INTERPRET) * top + zp
+            o3 = _mm(ps, f3, INTERPRET) * top + zp
+        else:
+            o2 = o0
+            o3 = o1
+    else:
+        row = scale + (tile_start // ROW_DIV) * stride_st
+        zrow = zero + (tile_start // ROW_DIV) * stride_st
+        ch = PER * tl.arange(0, FW)
+        pf = p.to(tl.float16)
+        psum = tl.sum(p, 1)[:, None]
+        o0 = _mm(pf, f0, INTERPRET) * _vector(row + ch, ch < D, True)[None, :] \
+            + psum * _vector(zrow + ch, ch < D, True)[None, :]
+        o1 = _mm(pf, f1, INTERPRET) * _vector(row + ch + 1, ch + 1 < D, True)[None, :] \
+            + psum * _vector(zrow + ch + 1, ch + 1 < D, True)[None, :]
+        if BITS == 2:
+            o2 = _mm(pf, f2, INTERPRET) * _vector(row + ch + 2, ch + 2 < D, True)[None, :] \
+                + psum * _vector(zrow + ch + 2, ch + 2 < D, True)[None, :]
+            o3 = _mm(pf, f3, INTERPRET) * _vector(row + ch + 3, ch + 3 < D, True)[None, :] \
+                + psum * _vector(zrow + ch + 3, ch + 3 < D, True)[None, :]
+        else:
+            o2 = o0
+            o3 = o1
+    return o0, o1, o2, o3
+
+
+@triton.jit
+def _window_field(pw, wv, w, ok, stride_wvt, ch, D: tl.constexpr, INTERPRET: tl.constexpr):
+    """``p v`` over the channels ``ch`` of a window tile (full-precision values), ``pw`` already in the
+    values' dtype."""
+    v = tl.load(wv + w[:, None] * stride_wvt + ch[None, :], mask=ok[:, None] & (ch < D)[None, :], other=0.0)
+    return _mm(pw, v, INTERPRET)
+
+
+@triton.jit
+def _store_field(ptrs, o, ch, row_ok, D: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store ``o [BLOCK_M, FW]`` (float32) at the channels ``ch`` of the rows ``ptrs`` point to, in the
+    element type behind ``ptrs``."""
+    tl.store(ptrs + ch[None, :], _rounded(o, ptrs.dtype.element_ty, INTERPRET),
+             mask=row_ok[:, None] & (ch < D)[None, :])
+
+
+@triton.jit
 def _softmax_step(s, tok, ok, qpos, m_i, l_i):
     """Online softmax over a tile of scores ``s`` (already times ``scale * log2(e)``): masks the keys a
     query may not see, returns the new max and sum, the weights ``p`` and the rescale of the old
@@ -541,7 +610,7 @@ def _decode_kernel(
     V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_SMODE: tl.constexpr,
     V_ROW_DIV: tl.constexpr, V_COL_DIV: tl.constexpr,
     HAS_START: tl.constexpr, HAS_END: tl.constexpr, SPLIT: tl.constexpr, MASKED: tl.constexpr,
-    V_WORDS: tl.constexpr, INTERPRET: tl.constexpr,
+    V_WORDS: tl.constexpr, V_FIELDS: tl.constexpr, V_FW: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -581,6 +650,13 @@ def _decode_kernel(
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # V_FIELDS: the accumulator split by the values' bit fields, acc_k holding channels PER * j + k.
+    V_PER: tl.constexpr = 8 // V_BITS
+    ch = V_PER * tl.arange(0, V_FW)
+    acc0 = tl.zeros([BLOCK_M, V_FW], tl.float32)
+    acc1 = tl.zeros([BLOCK_M, V_FW], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, V_FW], tl.float32)
+    acc3 = tl.zeros([BLOCK_M, V_FW], tl.float32)
 
     # This split's tokens, less those before the row's first valid token (whole tiles only, so that a
     # tile never straddles two blocks of per-channel scales).
@@ -607,9 +683,18 @@ def _decode_kernel(
                             K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N, BLOCK_D, MASKED,
                             INTERPRET)
         m_i, l_i, p, alpha = _softmax_step(s * qk_scale, tok, ok, qpos, m_i, l_i)
-        acc = acc * alpha[:, None] + _value_product(
-            p, vc, vs, vz, tok, ok, offs_d, d_ok, t0, stride_vct, stride_vst, dtype, D,
-            V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, BLOCK_N, BLOCK_D, MASKED, V_WORDS, INTERPRET)
+        if V_FIELDS:
+            o0, o1, o2, o3 = _value_fields(p, vc, vs, vz, tok, ok, t0, stride_vct, stride_vst, D, V_BITS,
+                                           V_SMODE, V_ROW_DIV, V_FW, MASKED, INTERPRET)
+            acc0 = acc0 * alpha[:, None] + o0
+            acc1 = acc1 * alpha[:, None] + o1
+            if V_BITS == 2:
+                acc2 = acc2 * alpha[:, None] + o2
+                acc3 = acc3 * alpha[:, None] + o3
+        else:
+            acc = acc * alpha[:, None] + _value_product(
+                p, vc, vs, vz, tok, ok, offs_d, d_ok, t0, stride_vct, stride_vst, dtype, D,
+                V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, BLOCK_N, BLOCK_D, MASKED, V_WORDS, INTERPRET)
 
     wk = WK + b * stride_wkb + h * stride_wkh
     wv = WV + b * stride_wvb + h * stride_wvh
@@ -619,20 +704,36 @@ def _decode_kernel(
         w = tok - n_quant
         mask = ok[:, None] & d_ok[None, :]
         k = tl.load(wk + w[:, None] * stride_wkt + offs_d[None, :], mask=mask, other=0.0)
-        v = tl.load(wv + w[:, None] * stride_wvt + offs_d[None, :], mask=mask, other=0.0)
         m_i, l_i, p, alpha = _softmax_step(_mm(q, tl.trans(k), INTERPRET) * qk_scale, tok, ok, qpos, m_i, l_i)
-        acc = acc * alpha[:, None] + _mm(_rounded(p, dtype, INTERPRET), v, INTERPRET)
+        pw = _rounded(p, dtype, INTERPRET)
+        if V_FIELDS:
+            acc0 = acc0 * alpha[:, None] + _window_field(pw, wv, w, ok, stride_wvt, ch, D, INTERPRET)
+            acc1 = acc1 * alpha[:, None] + _window_field(pw, wv, w, ok, stride_wvt, ch + 1, D, INTERPRET)
+            if V_BITS == 2:
+                acc2 = acc2 * alpha[:, None] + _window_field(pw, wv, w, ok, stride_wvt, ch + 2, D, INTERPRET)
+                acc3 = acc3 * alpha[:, None] + _window_field(pw, wv, w, ok, stride_wvt, ch + 3, D, INTERPRET)
+        else:
+            v = tl.load(wv + w[:, None] * stride_wvt + offs_d[None, :], mask=mask, other=0.0)
+            acc = acc * alpha[:, None] + _mm(pw, v, INTERPRET)
 
     seen = l_i > 0
-    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
     if SPLIT:
         r = ((b * (num_kv_heads * rep) + head) * lq + qi) * num_splits + split
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(MidL + r, lse, mask=row_ok)
-        tl.store(MidO + r[:, None] * D + offs_d[None, :], o, mask=row_ok[:, None] & d_ok[None, :])
+        rows_out = MidO + r[:, None] * D
     else:
-        out = Out + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_om + offs_d[None, :]
-        tl.store(out, _rounded(o, Out.dtype.element_ty, INTERPRET), mask=row_ok[:, None] & d_ok[None, :])
+        rows_out = Out + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_om
+    if V_FIELDS:
+        _store_field(rows_out, acc0 * inv_l[:, None], ch, row_ok, D, INTERPRET)
+        _store_field(rows_out, acc1 * inv_l[:, None], ch + 1, row_ok, D, INTERPRET)
+        if V_BITS == 2:
+            _store_field(rows_out, acc2 * inv_l[:, None], ch + 2, row_ok, D, INTERPRET)
+            _store_field(rows_out, acc3 * inv_l[:, None], ch + 3, row_ok, D, INTERPRET)
+    else:
+        o = acc / tl.where(seen, l_i, 1.0)[:, None]
+        _store_field(rows_out, o, offs_d, row_ok, D, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["num_splits", "lq"])
@@ -825,6 +926,8 @@ def decode_attention(
              and value_codes.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in value_codes.stride()[:3]))
     kfmt = _format_args(key_scheme, group, d, block_d, config.block_n)
     vfmt = _format_args(value_scheme, group, d, block_d, config.block_n)
+    fields = (config.value_fields and vfmt["KIND"] == _PACKED
+              and vfmt["SMODE"] in (_SCALE_TILE_ROW, _SCALE_TOKEN))
     _decode_kernel[(bsz * hkv, splits, row_blocks)](
         q, out, mid_o, mid_l,
         key_codes, key_scale, key_scale if key_zero is None else key_zero,
@@ -841,6 +944,8 @@ def decode_attention(
         K_FW=max(16, block_d // key_scheme.per_byte),
         HAS_START=start is not None, HAS_END=end is not None, SPLIT=splits > 1,
         MASKED=group % config.block_n != 0, V_WORDS=words and not triton_interpreted(),
+        V_FIELDS=fields,
+        V_FW=max(16, block_d // value_scheme.per_byte),
         INTERPRET=triton_interpreted(),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
