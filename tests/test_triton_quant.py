@@ -152,6 +152,44 @@ def test_launch_paths(fmt: str, tiles: Tiles, dtype: torch.dtype) -> None:
     check_format(_random((2, 19, 37), dtype, seed=7), fmt, tiles)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "shape", "tiles", "row_scales"),
+    [
+        ("int8-channel-g32", (3, 64, 40), Tiles(16, 16), True),  # tiles inside one scale row
+        ("int4-channel-g16", (2, 48, 24), Tiles(8, 32), True),
+        ("fp8-e4m3-channel-g16", (2, 40, 24), Tiles(8, 8), True),
+        ("int2-channel-g32", (2, 40, 20), Tiles(16, 8), False),  # 40 % 16: a tile spans two batch rows
+        ("int8-channel", (3, 19, 40), Tiles(4, 16), False),
+    ]
+    if _REASON is None
+    else [],
+    ids=str,
+)
+def test_encode_and_dequantize_tiles(fmt: str, shape: tuple[int, ...], tiles: Tiles,
+                                     row_scales: bool) -> None:
+    """The grid kernels with one scale row per tile and with scales looked up per element, against the
+    reference, from the reference's scales."""
+    scheme = parse(fmt)
+    assert quant._row_scales(scheme, shape[1], scheme.group_size(shape[1], shape[2]), tiles) is row_scales
+    x = _random(shape, torch.float32, seed=11)
+    codes, scale, zero = reference.quantize(x, scheme)
+    assert_same(quant.encode(x, scheme, scale, zero, tiles), codes, "codes")
+    want = reference.dequantize(codes, scale, zero, scheme, shape[2], torch.float32)
+    got = quant.dequantize(codes, scale, zero, scheme, shape[2], torch.float32, tiles)
+    assert_same(got, want, "dequantized")
+
+
+def test_grid_tiles_index_in_32_bits() -> None:
+    """Default grid tiles shrink so that a tile holds fewer than 2^31 elements; explicit tiles that do not
+    get a clear error instead of wrapping offsets."""
+    wide = 2**28
+    tiles = quant._grid_tiles(1024, wide)
+    assert tiles.block_t * wide < 2**31
+    quant._check_tile_offsets(tiles, wide)
+    with pytest.raises(ValueError, match="too wide"):
+        quant._check_tile_offsets(Tiles(16, 512), wide)
+
+
 @pytest.mark.parametrize("fp8", ("e4m3", "e5m2"))
 def test_fp8_rounding_ties_and_subnormals(fp8: str) -> None:
     """Every FP8 value, the midpoints between neighbours (ties to even), one float32 ulp either side of
