@@ -43,7 +43,8 @@ KERNELS: dict[str, tuple[str, str, torch.dtype, list[Tiles]]] = {
         Tiles(16, 512, splits=2 * _SPLITS, num_warps=8), Tiles(8, 1024, splits=_SPLITS, num_warps=8),
         Tiles(16, 512, splits=_SPLITS, num_warps=4), Tiles(32, 512, splits=_SPLITS, num_warps=16),
         Tiles(16, 512, splits=_SPLITS, num_warps=8, num_stages=3), Tiles(8, 512, splits=_SPLITS, num_warps=4),
-        Tiles(32, 256, splits=_SPLITS, num_warps=4)]),
+        Tiles(32, 256, splits=_SPLITS, num_warps=4), Tiles(8, 512, splits=_SPLITS, num_warps=2),
+        Tiles(4, 1024, splits=_SPLITS, num_warps=2)]),
     "dequantize int8-channel fp32": ("dequantize", "int8-channel", torch.float32, [
         Tiles(8, 1024, num_warps=8), Tiles(4, 1024, num_warps=4), Tiles(32, 256, num_warps=8),
         Tiles(8, 2048, num_warps=16), Tiles(16, 1024, num_warps=8)]),
@@ -51,7 +52,10 @@ KERNELS: dict[str, tuple[str, str, torch.dtype, list[Tiles]]] = {
         Tiles(128, 64, num_warps=4), Tiles(128, 128, num_warps=8), Tiles(128, 128, num_warps=16),
         Tiles(64, 128, num_warps=4), Tiles(32, 256, num_warps=8), Tiles(32, 256, num_warps=4),
         Tiles(32, 512, num_warps=8), Tiles(16, 512, num_warps=8), Tiles(64, 256, num_warps=8),
-        Tiles(32, 256, num_warps=8, num_stages=4), Tiles(16, 1024, num_warps=8)]),
+        Tiles(32, 256, num_warps=8, num_stages=4), Tiles(16, 1024, num_warps=8),
+        # Fewer warps per program (as the decode kernel preferred on the H100): less cross-warp reduction.
+        Tiles(128, 64, num_warps=2), Tiles(64, 128, num_warps=2), Tiles(64, 64, num_warps=2),
+        Tiles(128, 32, num_warps=1), Tiles(64, 64, num_warps=1)]),
     "dequantize int8-token fp16": ("dequantize", "int8-token", torch.float16, _TOKEN_ROW),
     "dequantize fp8-e4m3 fp16": ("dequantize", "fp8-e4m3", torch.float16, _TOKEN_ROW),
     "dequantize int8-token-g32 fp16": ("dequantize", "int8-token-g32", torch.float16, _TOKEN_G32),
