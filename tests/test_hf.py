@@ -295,40 +295,40 @@ def test_generate_on_the_gpu():
     assert all(t.device.type == "cuda" for layer in cache.quantized_layers for t in layer._held())
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
-def test_layers_on_two_gpus_keep_their_cache_beside_them():
+def _check_device_map(layer_devices: list[str | int]) -> None:
+    """A 4-layer model dispatched with layer ``i`` on ``layer_devices[i]`` (embeddings on the first
+    layer's device, norm and head on the last's) generates with a quantized cache, and each layer's
+    cache lives where its layer runs."""
     from accelerate import dispatch_model
 
     torch.manual_seed(9)
-    model = LlamaForCausalLM(tiny_config(layers=4)).to(torch.float16).eval()
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
-                  **{f"model.layers.{i}": i // 2 for i in range(4)}}
+    first, last = layer_devices[0], layer_devices[-1]
+    dtype = torch.float16 if "cpu" not in layer_devices else torch.float32
+    model = LlamaForCausalLM(tiny_config(layers=len(layer_devices))).to(dtype).eval()
+    device_map = {"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": last, "lm_head": last,
+                  **{f"model.layers.{i}": dev for i, dev in enumerate(layer_devices)}}
     model = dispatch_model(model, device_map=device_map)
     cache = int8_cache(model)
-    ids = torch.randint(3, VOCAB, (2, 50), device="cuda:0")
+    ids = torch.randint(3, VOCAB, (2, 50), device=_torch_device(first))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=20,
                          do_sample=False)
     assert out.shape == (2, 70)
-    for i, layer in enumerate(cache.quantized_layers):
-        assert {t.device for t in layer._held()} == {torch.device(f"cuda:{i // 2}")}
+    for layer, dev in zip(cache.quantized_layers, layer_devices, strict=True):
+        assert {t.device for t in layer._held()} == {_torch_device(dev)}
+
+
+def _torch_device(dev: str | int) -> torch.device:
+    """An accelerate device-map entry (a GPU index or ``"cpu"``) as a torch device."""
+    return torch.device("cpu" if dev == "cpu" else f"cuda:{dev}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_layers_on_two_gpus_keep_their_cache_beside_them():
+    _check_device_map([0, 0, 1, 1])
 
 
 @requires_cuda
 def test_layers_split_between_gpu_and_cpu_keep_their_cache_beside_them():
-    """The one-GPU form of the device-map test: the first half of the layers on the GPU, the rest (and
-    the head) offloaded to the CPU; each layer's quantized cache lives where its layer runs."""
-    from accelerate import dispatch_model
-
-    torch.manual_seed(9)
-    model = LlamaForCausalLM(tiny_config(layers=4)).eval()
-    device_map = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": "cpu", "lm_head": "cpu",
-                  **{f"model.layers.{i}": 0 if i < 2 else "cpu" for i in range(4)}}
-    model = dispatch_model(model, device_map=device_map)
-    cache = int8_cache(model)
-    ids = torch.randint(3, VOCAB, (2, 50), device="cuda:0")
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=20,
-                         do_sample=False)
-    assert out.shape == (2, 70)
-    for i, layer in enumerate(cache.quantized_layers):
-        want = torch.device("cuda:0") if i < 2 else torch.device("cpu")
-        assert {t.device for t in layer._held()} == {want}
+    """The one-GPU form: the first half of the layers on the GPU, the rest (and the head) offloaded to
+    the CPU."""
+    _check_device_map([0, 0, "cpu", "cpu"])

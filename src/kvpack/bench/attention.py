@@ -285,6 +285,17 @@ class KernelBench:
         want = harness.rotation(op_bytes, self.device)
         return max(1, min(want, (_free(self.device) - _MEMORY_MARGIN) // max(need, 1)))
 
+    def _layers(
+        self, preset: str, shape: dict[str, int], moved: int = 0, held: int = 0
+    ) -> list[QuantizedLayer]:
+        """Filled layers of ``preset`` to rotate through (:meth:`_copies`), the first seeded alike for
+        every method: a call moves the layer's bytes plus ``moved``, and holds ``held`` bytes beside it."""
+        b, h, t, d = shape["batch"], shape["kv_heads"], shape["context"], shape["head_dim"]
+        first = filled_layer(preset, b, h, t, d, self.device, seed=self.args.seed)
+        n = self._copies(layer_bytes(first) + moved, first.nbytes + held)
+        return [first] + [filled_layer(preset, b, h, t, d, self.device, seed=self.args.seed + i)
+                          for i in range(1, n)]
+
     def case(self, kv_heads: int, batch: int, context: int) -> None:
         a, dev = self.args, self.device
         shape = dict(batch=batch, q_heads=a.q_heads, kv_heads=kv_heads, head_dim=a.head_dim, context=context)
@@ -330,19 +341,14 @@ class KernelBench:
         sdpa_ms: float | None,
         reference: dict[str, torch.Tensor],
     ) -> Row:
-        a, dev = self.args, self.device
+        dev = self.device
         row = Row(f"kvpack-{preset}", "/".join(CACHE_PRESETS[preset]), **shape)
         estimate = fp16 // {"int8": 2, "fp8": 2, "int4": 3, "int2": 5}[preset] + FILL_CHUNK_BYTES * 3
         if estimate + _MEMORY_MARGIN > _free(dev):
             row.status, row.reason = "skipped", f"needs about {estimate / 1e9:.1f} GB"
             return row
-        b, h, t, d = shape["batch"], shape["kv_heads"], shape["context"], shape["head_dim"]
-        first = filled_layer(preset, b, h, t, d, dev, seed=a.seed)
-        nbytes = layer_bytes(first)
-        layers = [first] + [
-            filled_layer(preset, b, h, t, d, dev, seed=a.seed + i)
-            for i in range(1, self._copies(nbytes, first.nbytes))
-        ]
+        layers = self._layers(preset, shape)
+        first, nbytes = layers[0], layer_bytes(layers[0])
         row.ms = self._time(lambda layer: decode(q, layer), [(layer,) for layer in layers])
         row.bytes = row.cache_bytes = nbytes
         row.note = f"{first.num_quantized} quantized + {first.num_window} window tokens"
@@ -364,20 +370,15 @@ class KernelBench:
         sdpa_ms: float | None,
         reference: dict[str, torch.Tensor],
     ) -> Row:
-        a, dev = self.args, self.device
+        dev = self.device
         row = Row("dequant-sdpa-int8", "/".join(CACHE_PRESETS["int8"]), **shape)
         need = fp16 // 2 + 2 * fp16 + FILL_CHUNK_BYTES * 3
         if need + _MEMORY_MARGIN > _free(dev):
             row.status = "skipped"
             row.reason = f"needs about {need / 1e9:.1f} GB (the cache and its float16 copy)"
             return row
-        b, h, t, d = shape["batch"], shape["kv_heads"], shape["context"], shape["head_dim"]
-        first = filled_layer("int8", b, h, t, d, dev, seed=a.seed)
-        quantized = layer_bytes(first)
-        layers = [first] + [
-            filled_layer("int8", b, h, t, d, dev, seed=a.seed + i)
-            for i in range(1, self._copies(quantized + 2 * fp16, first.nbytes + fp16))
-        ]
+        layers = self._layers("int8", shape, moved=2 * fp16, held=fp16)
+        first, quantized = layers[0], layer_bytes(layers[0])
 
         def step(layer: QuantizedLayer) -> torch.Tensor:
             keys, values = layer.dequantized()

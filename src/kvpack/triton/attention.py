@@ -540,24 +540,28 @@ def _value_fields(p, codes, scale, zero, tok, ok, tile_start, stride_ct, stride_
             o2 = o0
             o3 = o1
     else:
-        row = scale + (tile_start // ROW_DIV) * stride_st
-        zrow = zero + (tile_start // ROW_DIV) * stride_st
+        row = (tile_start // ROW_DIV) * stride_st
         ch = PER * tl.arange(0, FW)
         pf = p.to(tl.float16)
         psum = tl.sum(p, 1)[:, None]
-        o0 = _mm(pf, f0, INTERPRET) * _vector(row + ch, ch < D, True)[None, :] \
-            + psum * _vector(zrow + ch, ch < D, True)[None, :]
-        o1 = _mm(pf, f1, INTERPRET) * _vector(row + ch + 1, ch + 1 < D, True)[None, :] \
-            + psum * _vector(zrow + ch + 1, ch + 1 < D, True)[None, :]
+        o0 = _channel_field(pf, f0, psum, scale + row, zero + row, ch, D, INTERPRET)
+        o1 = _channel_field(pf, f1, psum, scale + row, zero + row, ch + 1, D, INTERPRET)
         if BITS == 2:
-            o2 = _mm(pf, f2, INTERPRET) * _vector(row + ch + 2, ch + 2 < D, True)[None, :] \
-                + psum * _vector(zrow + ch + 2, ch + 2 < D, True)[None, :]
-            o3 = _mm(pf, f3, INTERPRET) * _vector(row + ch + 3, ch + 3 < D, True)[None, :] \
-                + psum * _vector(zrow + ch + 3, ch + 3 < D, True)[None, :]
+            o2 = _channel_field(pf, f2, psum, scale + row, zero + row, ch + 2, D, INTERPRET)
+            o3 = _channel_field(pf, f3, psum, scale + row, zero + row, ch + 3, D, INTERPRET)
         else:
             o2 = o0
             o3 = o1
     return o0, o1, o2, o3
+
+
+@triton.jit
+def _channel_field(pf, f, psum, scale_row, zero_row, ch, D: tl.constexpr, INTERPRET: tl.constexpr):
+    """``p v`` for one bit field ``f`` of packed values with a per-channel scale row: ``(p c) s + sum(p)
+    z`` at the field's channels ``ch``; ``pf``: the weights in float16, ``psum``: their row sums."""
+    s = _vector(scale_row + ch, ch < D, True)
+    z = _vector(zero_row + ch, ch < D, True)
+    return _mm(pf, f, INTERPRET) * s[None, :] + psum * z[None, :]
 
 
 @triton.jit
@@ -569,7 +573,7 @@ def _window_field(pw, wv, w, ok, stride_wvt, ch, D: tl.constexpr, INTERPRET: tl.
 
 
 @triton.jit
-def _store_field(ptrs, o, ch, row_ok, D: tl.constexpr, INTERPRET: tl.constexpr):
+def _store_columns(ptrs, o, ch, row_ok, D: tl.constexpr, INTERPRET: tl.constexpr):
     """Store ``o [BLOCK_M, FW]`` (float32) at the channels ``ch`` of the rows ``ptrs`` point to, in the
     element type behind ``ptrs``."""
     tl.store(ptrs + ch[None, :], _rounded(o, ptrs.dtype.element_ty, INTERPRET),
@@ -649,14 +653,16 @@ def _decode_kernel(
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # V_FIELDS: the accumulator split by the values' bit fields, acc_k holding channels PER * j + k.
-    V_PER: tl.constexpr = 8 // V_BITS
-    ch = V_PER * tl.arange(0, V_FW)
-    acc0 = tl.zeros([BLOCK_M, V_FW], tl.float32)
-    acc1 = tl.zeros([BLOCK_M, V_FW], tl.float32)
-    acc2 = tl.zeros([BLOCK_M, V_FW], tl.float32)
-    acc3 = tl.zeros([BLOCK_M, V_FW], tl.float32)
+    if V_FIELDS:
+        # The accumulator split by the values' bit fields, acc_k holding channels PER * j + k.
+        V_PER: tl.constexpr = 8 // V_BITS
+        ch = V_PER * tl.arange(0, V_FW)
+        acc0 = tl.zeros([BLOCK_M, V_FW], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, V_FW], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, V_FW], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, V_FW], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     # This split's tokens, less those before the row's first valid token (whole tiles only, so that a
     # tile never straddles two blocks of per-channel scales).
@@ -717,7 +723,7 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + _mm(pw, v, INTERPRET)
 
     seen = l_i > 0
-    inv_l = 1.0 / tl.where(seen, l_i, 1.0)
+    l_safe = tl.where(seen, l_i, 1.0)[:, None]
     if SPLIT:
         r = ((b * (num_kv_heads * rep) + head) * lq + qi) * num_splits + split
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
@@ -726,14 +732,13 @@ def _decode_kernel(
     else:
         rows_out = Out + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_om
     if V_FIELDS:
-        _store_field(rows_out, acc0 * inv_l[:, None], ch, row_ok, D, INTERPRET)
-        _store_field(rows_out, acc1 * inv_l[:, None], ch + 1, row_ok, D, INTERPRET)
+        _store_columns(rows_out, acc0 / l_safe, ch, row_ok, D, INTERPRET)
+        _store_columns(rows_out, acc1 / l_safe, ch + 1, row_ok, D, INTERPRET)
         if V_BITS == 2:
-            _store_field(rows_out, acc2 * inv_l[:, None], ch + 2, row_ok, D, INTERPRET)
-            _store_field(rows_out, acc3 * inv_l[:, None], ch + 3, row_ok, D, INTERPRET)
+            _store_columns(rows_out, acc2 / l_safe, ch + 2, row_ok, D, INTERPRET)
+            _store_columns(rows_out, acc3 / l_safe, ch + 3, row_ok, D, INTERPRET)
     else:
-        o = acc / tl.where(seen, l_i, 1.0)[:, None]
-        _store_field(rows_out, o, offs_d, row_ok, D, INTERPRET)
+        _store_columns(rows_out, acc / l_safe, offs_d, row_ok, D, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["num_splits", "lq"])
@@ -802,7 +807,7 @@ def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: 
 
 
 def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device,
-                  num_warps: int = 2) -> tuple[int, int]:
+                  num_warps: int = KernelConfig.num_warps) -> tuple[int, int]:
     """``(num_splits, chunk)``: at least enough splits that ``programs * num_splits`` fills every
     resident slot of the GPU once (:data:`RESIDENT_PER_SM` programs of ``num_warps`` warps per SM), and
     up to twice that, whichever count leaves the last wave fullest; no split shorter than
