@@ -223,14 +223,14 @@ def sweep(repeats: int) -> dict[str, Any]:
     for preset in bench.SWEEP_PRESETS:
         rows += _sweep_preset(preset, repeats)
         torch.cuda.empty_cache()
-    print(harness.text_table(rows, ["preset", "default", "block_n", "num_warps", "num_stages", "num_splits",
-                                    "value_fields", "ms", "gbps", "error"]))
+    print(harness.text_table(rows, ["preset", "default", "block_m", "block_n", "num_warps", "num_stages",
+                                    "num_splits", "value_fields", "ms", "gbps", "error"]))
     for preset in bench.SWEEP_PRESETS:
         ok = [r for r in rows if r["preset"] == preset and "ms" in r]
         if ok:
             best, default = min(ok, key=lambda r: r["ms"]), next((r for r in ok if r["default"]), None)
             print(f"{preset}: best {best['ms']:.4f} ms ({best['gbps']:.0f} GB/s) with "
-                  f"block_n={best['block_n']} warps={best['num_warps']} stages={best['num_stages']} "
+                  f"block_m={best['block_m']} block_n={best['block_n']} warps={best['num_warps']} stages={best['num_stages']} "
                   f"splits={best['num_splits']} value_fields={best['value_fields']}; "
                   f"default {default and round(default['ms'], 4)} ms")
     return {"sweep": rows}

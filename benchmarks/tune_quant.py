@@ -8,6 +8,7 @@ paste into ``kvpack/triton/quant.py``, and writes every row to ``$OUT/tune_quant
 
     python benchmarks/tune_quant.py            # all kernels
     python benchmarks/tune_quant.py int4 fp8   # the kernels whose name holds one of these words
+    python benchmarks/tune_quant.py phases     # int8-channel float32: each phase, and torch.compile's
 """
 
 from __future__ import annotations
@@ -160,13 +161,58 @@ def _copy_gbs() -> float:
     return gbs
 
 
+def phases(copy_gbs: float) -> list[dict]:
+    """Where a whole-axis ``int8-channel`` float32 quantize spends its time, against ``torch.compile`` of
+    the reference: each phase timed alone, and the kernels of both under the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    scheme = parse("int8-channel")
+    x = torch.randn(1, T, D, device="cuda")
+    scale, zero = quant.compute_scales(x, scheme)
+    compiled = torch.compile(reference.quantize)
+    calls = {
+        "triton quantize": lambda: quant.quantize(x, scheme),
+        "triton scales only": lambda: quant.compute_scales(x, scheme),
+        "triton codes from given scales": lambda: quant.encode(x, scheme, scale, zero),
+        "torch amax over tokens (read once)": lambda: x.abs().amax(dim=1),
+        "torch.compile reference quantize": lambda: compiled(x, scheme),
+    }
+    data = T * D * 4
+    floors = {"triton scales only": data, "torch amax over tokens (read once)": data,
+              "triton codes from given scales": data + T * D}
+    rows = []
+    for name, fn in calls.items():
+        fn()
+        ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
+        nbytes = floors.get(name, 2 * data + T * D)
+        row = {"kernel": f"phase: {name}", "ms": round(ms, 4), "gbs": round(nbytes / ms / 1e6, 1),
+               "frac_copy": round(nbytes / ms / 1e6 / copy_gbs, 3)}
+        rows.append(row)
+        print(f"  phase {name:40s} {ms:8.3f} ms  {row['gbs']:7.1f} GB/s  {row['frac_copy']:6.1%} of copy", flush=True)
+    for name in ("triton quantize", "torch.compile reference quantize"):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                calls[name]()
+            torch.cuda.synchronize()
+        print(f"  kernels of {name} (5 calls):")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6))
+    return rows
+
+
 def main() -> int:
     words = sys.argv[1:]
     props = torch.cuda.get_device_properties(0)
     print(f"device {props.name}, torch {torch.__version__}, triton {triton.__version__}")
     copy_gbs = _copy_gbs()
+    phase_rows = []
+    if "phases" in words:
+        words = [w for w in words if w != "phases"]
+        phase_rows = phases(copy_gbs)
+        if not words:
+            _write(props.name, copy_gbs, phase_rows)
+            return 0
     deadline = time.monotonic() + BUDGET_S
-    rows = []
+    rows = list(phase_rows)
     for name, (operation, fmt, dtype, candidates) in KERNELS.items():
         if words and not any(w in name for w in words):
             continue
@@ -194,14 +240,18 @@ def main() -> int:
     print(f"\ninexact candidates: {failures}")
     for r in rows:
         r.pop("tiles_obj", None)
+    _write(props.name, copy_gbs, rows)
+    return 1 if failures else 0
+
+
+def _write(device: str, copy_gbs: float, rows: list[dict]) -> None:
     out = os.environ.get("OUT")
     if out:
         path = os.path.join(out, "tune_quant.json")
         with open(path, "w") as f:
-            summary = {"device": props.name, "copy_gbs": copy_gbs, "shape": [T, D], "rows": rows}
+            summary = {"device": device, "copy_gbs": copy_gbs, "shape": [T, D], "rows": rows}
             json.dump(summary, f, indent=1)
         print(f"wrote {path}")
-    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -193,6 +193,27 @@ def test_value_fields(key_format: str, value_format: str, group: int | None, hea
     assert rel_error(out, expected(q, layer)) < TOLERANCE
 
 
+# Fewer query rows per program than the GQA group holds (KernelConfig(block_m=...)): several row blocks
+# per KV head, rows of a block that fall past the group, tensor-core tiles padded by the compiler.
+@pytest.mark.parametrize("block_m,q_heads,q_len", [(1, 4, 1), (4, 4, 1), (4, 8, 3), (8, 4, 3), (2, 6, 1)])
+@pytest.mark.parametrize("preset", ["int8", "int4"])
+def test_query_row_blocks(preset: str, block_m: int, q_heads: int, q_len: int) -> None:
+    from kvpack.triton.attention import KernelConfig, default_config
+
+    layer = make_layer(*CACHE_PRESETS[preset], tokens=230, residual=24)
+    base = default_config(layer.window_keys.shape[-1], layer.group, layer.key_scheme, layer.value_scheme)
+    q = queries(layer, q_heads, q_len)
+    out = decode(q, layer, config=KernelConfig(block_n=base.block_n, num_splits=2, block_m=block_m))
+    assert rel_error(out, expected(q, layer)) < TOLERANCE
+
+
+def test_block_m_must_be_a_power_of_two() -> None:
+    from kvpack.triton.attention import KernelConfig
+
+    with pytest.raises(ValueError, match="power of two"):
+        KernelConfig(block_m=6)
+
+
 @pytest.mark.parametrize("q_len", [1, 3])
 @pytest.mark.parametrize("padding", ["left", "right", "both"])
 def test_padded_batch(padding: str, q_len: int) -> None:

@@ -166,17 +166,18 @@ SWEEP_PRESETS = ("int8", "int4")
 
 
 def sweep_configs(base: KernelConfig) -> list[KernelConfig]:
-    """The decode-kernel configurations the tile sweep times: ``base`` (the default) first, then tokens
-    per tile x warps x software-pipeline stages, then ``base`` with forced split counts, then ``base``
-    with packed values accumulated by bit field (``value_fields``; the same as ``base`` for 8-bit
-    values)."""
+    """The decode-kernel configurations the tile sweep times: ``base`` (the default) first, then query
+    rows per program (4 and 16) x tokens per tile x warps x software-pipeline stages, then 4-row programs
+    with forced split counts, then packed values accumulated by bit field (``value_fields``; the same as
+    without for 8-bit values)."""
     from kvpack.triton.attention import KernelConfig
 
-    configs = [base]
-    configs += [KernelConfig(block_n=n, num_warps=w, num_stages=s) for n in (32, 64) for w in (1, 2, 4)
-                for s in (2, 3)]
-    configs += [replace(base, num_splits=s) for s in (4, 8, 16, 32, 64)]
-    configs += [replace(base, value_fields=True), replace(base, num_warps=4, value_fields=True)]
+    configs = [base, replace(base, block_m=8)]
+    configs += [KernelConfig(block_n=n, num_warps=w, num_stages=s, block_m=m) for m in (4, 16) for n in (32, 64)
+                for w in (1, 2, 4) for s in (2, 3)]
+    configs += [KernelConfig(num_warps=w, num_splits=s, block_m=4) for w in (2, 4) for s in (8, 16, 24, 32)]
+    configs += [replace(base, value_fields=True), replace(base, value_fields=True, block_m=4),
+                replace(base, num_warps=4, value_fields=True, block_m=4)]
     return configs
 
 

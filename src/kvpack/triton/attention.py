@@ -60,6 +60,8 @@ MIN_SPLIT_TOKENS = 256
 RESIDENT_PER_SM = {1: 4, 2: 4, 4: 2, 8: 2, 16: 1, 32: 1}
 #: Most query rows (GQA heads x new tokens) one program holds; more rows use several row blocks.
 MAX_BLOCK_M = 64
+#: Fewest query rows a program holds by default (the tensor-core tile pads fewer rows itself).
+MIN_BLOCK_M = 16
 
 # How a tile finds its scales (and zero points): the SMODE constexpr.
 _SCALE_TILE_ROW = 0  # per-channel, one row per block of tokens that holds the whole tile
@@ -77,7 +79,8 @@ _E5M2 = 3
 @dataclass(frozen=True)
 class KernelConfig:
     """Launch parameters of the decode kernel: tokens per tile, warps, software-pipeline stages and
-    splits (``None``: chosen from the context length and the number of SMs). ``value_fields``: packed
+    splits (``None``: chosen from the context length and the number of SMs), query rows per program
+    (``block_m``, a power of two; ``None``: every row of a KV head, at least :data:`MIN_BLOCK_M`). ``value_fields``: packed
     int4/int2 values with per-token or per-channel-row scales accumulate ``p v`` one bit field at a
     time (:func:`_value_fields`) instead of unpacking each tile into channel order; off by default
     until it is measured on a GPU."""
@@ -87,6 +90,11 @@ class KernelConfig:
     num_stages: int = 2
     num_splits: int | None = None
     value_fields: bool = False
+    block_m: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_m is not None and (self.block_m < 1 or self.block_m & (self.block_m - 1)):
+            raise ValueError(f"block_m must be a power of two, got {self.block_m}")
 
 
 @triton.jit
@@ -901,7 +909,7 @@ def decode_attention(
     block_d = max(16, triton.next_power_of_2(d))
     config = config or default_config(d, group, key_scheme, value_scheme)
     rows = hq // hkv * lq
-    block_m = max(16, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
+    block_m = config.block_m or max(MIN_BLOCK_M, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_m)
     tokens = num_quantized + num_window
     if config.num_splits is None:
