@@ -230,7 +230,8 @@ def sweep(repeats: int) -> dict[str, Any]:
         if ok:
             best, default = min(ok, key=lambda r: r["ms"]), next((r for r in ok if r["default"]), None)
             print(f"{preset}: best {best['ms']:.4f} ms ({best['gbps']:.0f} GB/s) with "
-                  f"block_m={best['block_m']} block_n={best['block_n']} warps={best['num_warps']} stages={best['num_stages']} "
+                  f"block_m={best['block_m']} block_n={best['block_n']} warps={best['num_warps']} "
+                  f"stages={best['num_stages']} "
                   f"splits={best['num_splits']} value_fields={best['value_fields']}; "
                   f"default {default and round(default['ms'], 4)} ms")
     return {"sweep": rows}

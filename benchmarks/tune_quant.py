@@ -46,6 +46,12 @@ KERNELS: dict[str, tuple[str, str, torch.dtype, list[Tiles]]] = {
         Tiles(16, 512, splits=_SPLITS, num_warps=8, num_stages=3), Tiles(8, 512, splits=_SPLITS, num_warps=4),
         Tiles(32, 256, splits=_SPLITS, num_warps=4), Tiles(8, 512, splits=_SPLITS, num_warps=2),
         Tiles(4, 1024, splits=_SPLITS, num_warps=2)]),
+    # The codes pass of a whole-axis quantize, from given scales (its tiles are the "encode" entry).
+    "encode int8-channel fp32": ("encode", "int8-channel", torch.float32, [
+        Tiles(8, 512, num_warps=4), Tiles(4, 1024, num_warps=4), Tiles(2, 1024, num_warps=4),
+        Tiles(8, 1024, num_warps=8), Tiles(32, 256, num_warps=8), Tiles(4, 512, num_warps=2),
+        Tiles(1, 1024, num_warps=4), Tiles(2, 512, num_warps=2), Tiles(16, 512, num_warps=4),
+        Tiles(4, 2048, num_warps=8), Tiles(1, 2048, num_warps=2)]),
     "dequantize int8-channel fp32": ("dequantize", "int8-channel", torch.float32, [
         Tiles(8, 1024, num_warps=8), Tiles(4, 1024, num_warps=4), Tiles(32, 256, num_warps=8),
         Tiles(8, 2048, num_warps=16), Tiles(16, 1024, num_warps=8)]),
@@ -82,7 +88,7 @@ def _bytes(operation: str, scheme, dtype: torch.dtype) -> int:
     if operation == "quantize":
         reads = 2 if scheme.axis == "channel" and scheme.group_size(T, D) == T else 1
         return reads * data + codes + side
-    return codes + side + data
+    return codes + side + data  # encode reads the scales, dequantize writes them back as data
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -120,6 +126,11 @@ def tune(name: str, operation: str, fmt: str, dtype: torch.dtype, candidates: li
     if operation == "quantize":
         def run(tiles):
             return quant.quantize(x, scheme, tiles)
+    elif operation == "encode":
+        scale, zero = quant.compute_scales(x, scheme)
+
+        def run(tiles):
+            return (quant.encode(x, scheme, scale, zero, tiles),)
     else:
         codes, scale, zero = quant.quantize(x, scheme)
         del x
@@ -188,7 +199,8 @@ def phases(copy_gbs: float) -> list[dict]:
         row = {"kernel": f"phase: {name}", "ms": round(ms, 4), "gbs": round(nbytes / ms / 1e6, 1),
                "frac_copy": round(nbytes / ms / 1e6 / copy_gbs, 3)}
         rows.append(row)
-        print(f"  phase {name:40s} {ms:8.3f} ms  {row['gbs']:7.1f} GB/s  {row['frac_copy']:6.1%} of copy", flush=True)
+        print(f"  phase {name:40s} {ms:8.3f} ms  {row['gbs']:7.1f} GB/s  {row['frac_copy']:6.1%} of copy",
+              flush=True)
     for name in ("triton quantize", "torch.compile reference quantize"):
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):

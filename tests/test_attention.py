@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -184,12 +185,12 @@ VALUE_FIELDS = [
 @pytest.mark.parametrize("key_format,value_format,group,head_dim", VALUE_FIELDS)
 def test_value_fields(key_format: str, value_format: str, group: int | None, head_dim: int,
                       splits: int) -> None:
-    from kvpack.triton.attention import KernelConfig, default_config
+    from kvpack.triton.attention import default_config
 
     layer = make_layer(key_format, value_format, group=group, tokens=230, residual=24, head_dim=head_dim)
     base = default_config(head_dim, layer.group, layer.key_scheme, layer.value_scheme)
     q = queries(layer, 4, 2)
-    out = decode(q, layer, config=KernelConfig(block_n=base.block_n, num_splits=splits, value_fields=True))
+    out = decode(q, layer, config=replace(base, num_splits=splits, value_fields=True))
     assert rel_error(out, expected(q, layer)) < TOLERANCE
 
 
@@ -198,12 +199,12 @@ def test_value_fields(key_format: str, value_format: str, group: int | None, hea
 @pytest.mark.parametrize("block_m,q_heads,q_len", [(1, 4, 1), (4, 4, 1), (4, 8, 3), (8, 4, 3), (2, 6, 1)])
 @pytest.mark.parametrize("preset", ["int8", "int4"])
 def test_query_row_blocks(preset: str, block_m: int, q_heads: int, q_len: int) -> None:
-    from kvpack.triton.attention import KernelConfig, default_config
+    from kvpack.triton.attention import default_config
 
     layer = make_layer(*CACHE_PRESETS[preset], tokens=230, residual=24)
     base = default_config(layer.window_keys.shape[-1], layer.group, layer.key_scheme, layer.value_scheme)
     q = queries(layer, q_heads, q_len)
-    out = decode(q, layer, config=KernelConfig(block_n=base.block_n, num_splits=2, block_m=block_m))
+    out = decode(q, layer, config=replace(base, num_splits=2, block_m=block_m))
     assert rel_error(out, expected(q, layer)) < TOLERANCE
 
 

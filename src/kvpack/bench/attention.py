@@ -166,18 +166,19 @@ SWEEP_PRESETS = ("int8", "int4")
 
 
 def sweep_configs(base: KernelConfig) -> list[KernelConfig]:
-    """The decode-kernel configurations the tile sweep times: ``base`` (the default) first, then query
-    rows per program (4 and 16) x tokens per tile x warps x software-pipeline stages, then 4-row programs
-    with forced split counts, then packed values accumulated by bit field (``value_fields``; the same as
-    without for 8-bit values)."""
+    """The decode-kernel configurations the tile sweep times around ``base`` (the default, first): query
+    rows per program, tokens per tile, warps, software-pipeline stages, forced split counts, packed
+    values accumulated by bit field (``value_fields``; the same as ``base`` for 8-bit values), and the
+    16-row, 2-warp, 64-token program of earlier defaults."""
     from kvpack.triton.attention import KernelConfig
 
-    configs = [base, replace(base, block_m=8)]
-    configs += [KernelConfig(block_n=n, num_warps=w, num_stages=s, block_m=m) for m in (4, 16) for n in (32, 64)
-                for w in (1, 2, 4) for s in (2, 3)]
-    configs += [KernelConfig(num_warps=w, num_splits=s, block_m=4) for w in (2, 4) for s in (8, 16, 24, 32)]
-    configs += [replace(base, value_fields=True), replace(base, value_fields=True, block_m=4),
-                replace(base, num_warps=4, value_fields=True, block_m=4)]
+    configs = [base, KernelConfig(block_n=64, num_warps=2, block_m=16)]
+    configs += [replace(base, block_m=m) for m in (8, 16) if m != base.block_m]
+    configs += [replace(base, block_n=64), replace(base, num_stages=3), replace(base, num_warps=2),
+                replace(base, num_warps=2, block_n=64)]
+    configs += [replace(base, num_splits=s) for s in (8, 12, 16, 24, 32, 48)]
+    configs += [replace(base, value_fields=True), replace(base, value_fields=True, block_n=64),
+                replace(base, value_fields=True, num_warps=2, block_n=64)]
     return configs
 
 

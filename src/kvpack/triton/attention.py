@@ -55,9 +55,10 @@ MAX_SPLITS = 64
 #: Fewest tokens worth a split of their own.
 MIN_SPLIT_TOKENS = 256
 #: Programs that fit on one streaming multiprocessor at once (registers), by warps per program: the
-#: sm_90 compile of the int8 cache at head dim 128 takes 248 registers a thread at 2 warps (4 programs
-#: of 64 threads), 178 at 4 warps and 128 at 8 (2 programs).
-RESIDENT_PER_SM = {1: 4, 2: 4, 4: 2, 8: 2, 16: 1, 32: 1}
+#: sm_90 compile of the int8 cache at head dim 128 takes 255 registers a thread at 1 warp and 4 rows (8
+#: programs of 32 threads), 248 at 2 warps and 16 rows (4 programs of 64 threads), 178 at 4 warps and
+#: 128 at 8 (2 programs).
+RESIDENT_PER_SM = {1: 8, 2: 4, 4: 2, 8: 2, 16: 1, 32: 1}
 #: Most query rows (GQA heads x new tokens) one program holds; more rows use several row blocks.
 MAX_BLOCK_M = 64
 #: Fewest query rows a program holds by default (the tensor-core tile pads fewer rows itself).
@@ -80,10 +81,10 @@ _E5M2 = 3
 class KernelConfig:
     """Launch parameters of the decode kernel: tokens per tile, warps, software-pipeline stages and
     splits (``None``: chosen from the context length and the number of SMs), query rows per program
-    (``block_m``, a power of two; ``None``: every row of a KV head, at least :data:`MIN_BLOCK_M`). ``value_fields``: packed
-    int4/int2 values with per-token or per-channel-row scales accumulate ``p v`` one bit field at a
-    time (:func:`_value_fields`) instead of unpacking each tile into channel order; off by default
-    until it is measured on a GPU."""
+    (``block_m``, a power of two; ``None``: every row of a KV head, at least :data:`MIN_BLOCK_M`).
+    ``value_fields``: packed int4/int2 values with per-token or per-channel-row scales accumulate
+    ``p v`` one bit field at a time (:func:`_value_fields`) instead of unpacking each tile into channel
+    order; off by default until it is measured on a GPU."""
 
     block_n: int = 64
     num_warps: int = 2
@@ -799,19 +800,28 @@ def _format_args(scheme: Scheme, group: int, head_dim: int, block_d: int, block_
     return {"KIND": kind, "BITS": scheme.bits, "SMODE": smode, "ROW_DIV": row_div, "COL_DIV": col_div}
 
 
-def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: Scheme) -> KernelConfig:
-    """Tile sizes for a head dimension: 64-token tiles that divide the group of per-channel scales (so each
-    tile reads one scale row); 2 warps up to head dim 128 (on an H100, B=8, 32 query / 8 KV heads, 32K
-    tokens: int8 0.249 ms at 2 warps, 0.387 at 4, 0.62 at 8; int4 0.383 / 0.574 / 1.01), 8 for larger
-    heads, whose tiles 2 warps cannot hold in registers."""
+def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: Scheme,
+                   rows: int = 4) -> KernelConfig:
+    """Launch parameters for a head dimension and ``rows`` query rows per KV head (GQA heads x new
+    tokens). Up to head dim 128 and 16 rows: one warp per program holding exactly the rows (rounded up to
+    a power of two) and 32-token tiles (on an H100, B=8, 32 query / 8 KV heads, 32K tokens: int8 0.212 ms
+    against 0.254 with 16-row, 2-warp, 64-token programs; int4 0.249 against 0.388; the 4-row 2-warp
+    program 0.235 / 0.303). More rows: 2 warps, 64-token tiles. Head dims over 128: 8 warps, whose
+    tiles fewer warps cannot hold in registers. Tiles divide the group of per-channel scales where they
+    can (each tile reads one scale row)."""
     per_channel = key_scheme.axis == "channel" or value_scheme.axis == "channel"
-    block_n = 64
+    if head_dim > 128:
+        block_n, num_warps, block_m = 64, 8, None
+    elif rows <= 16:
+        block_n, num_warps, block_m = 32, 1, triton.next_power_of_2(max(rows, 1))
+    else:
+        block_n, num_warps, block_m = 64, 2, None
     # 16-token tiles only for 8-bit codes: packed int4/int2 tiles of 16 tokens gave wrong scores on an
-    # H100 (Triton 3.6); their groups of 16 or 48 tokens read scales per element in 64-token tiles.
+    # H100 (Triton 3.6); their groups of 16 or 48 tokens read scales per element in larger tiles.
     smallest = 16 if min(key_scheme.bits, value_scheme.bits) == 8 else 32
     if per_channel and group % block_n:
-        block_n = next((n for n in (32, 16) if n >= smallest and group % n == 0), 64)
-    return KernelConfig(block_n=block_n, num_warps=8 if head_dim > 128 else 2)
+        block_n = next((n for n in (32, 16) if smallest <= n < block_n and group % n == 0), block_n)
+    return KernelConfig(block_n=block_n, num_warps=num_warps, block_m=block_m)
 
 
 def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device,
@@ -907,8 +917,8 @@ def decode_attention(
     bsz, hq, lq, d = q.shape
     hkv = window_keys.shape[1]
     block_d = max(16, triton.next_power_of_2(d))
-    config = config or default_config(d, group, key_scheme, value_scheme)
     rows = hq // hkv * lq
+    config = config or default_config(d, group, key_scheme, value_scheme, rows)
     block_m = config.block_m or max(MIN_BLOCK_M, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_m)
     tokens = num_quantized + num_window

@@ -412,21 +412,20 @@ def _channel_kernel(
 @triton.jit
 def _finalize_kernel(
     hi_ptr, lo_ptr, scale_ptr, zero_ptr, n, D, splits,
-    QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr,
+    QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Fold the ``splits`` partial rows of :func:`_channel_kernel` (``[bg * splits + i, D]``) into the
-    scales and zero points ``[bg, D]`` (n = B * sT * D of them). Max and min are exact in any order."""
+    scales and zero points ``[bg, D]`` (n = B * sT * D of them), every partial row loaded at once
+    (``BLOCK_S >= splits``) rather than one after another. Max and min are exact in any order."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < n
-    part = (idx // D) * splits * D + idx % D
-    hi = tl.load(hi_ptr + part, mask=ok, other=0.0)
+    i = tl.arange(0, BLOCK_S)
+    part = ((idx // D) * splits * D + idx % D)[None, :] + (i * D)[:, None]
+    mask = (i < splits)[:, None] & ok[None, :]
+    hi = tl.max(tl.load(hi_ptr + part, mask=mask, other=-float("inf")), 0)
     lo = hi
     if not SYMMETRIC:
-        lo = tl.load(lo_ptr + part, mask=ok, other=0.0)
-    for i in range(1, splits):
-        hi = tl.maximum(hi, tl.load(hi_ptr + part + i * D, mask=ok, other=0.0))
-        if not SYMMETRIC:
-            lo = tl.minimum(lo, tl.load(lo_ptr + part + i * D, mask=ok, other=0.0))
+        lo = tl.min(tl.load(lo_ptr + part, mask=mask, other=float("inf")), 0)
     s, z = _scale_zero(hi, lo, QMAX, SYMMETRIC)
     _store_scales(scale_ptr, zero_ptr, idx, ok, s, z, SYMMETRIC)
 
@@ -786,12 +785,15 @@ def _launch_channel(
         ONE_CHUNK=span <= tiles.block_t, PARTIAL=True, ENCODE=False, **consts,
     )
     n = scale.numel()
-    _finalize_kernel[(triton.cdiv(n, 1024),)](
+    block_s = _pow2(tiles.splits)
+    block = max(16, min(1024, 4096 // block_s))
+    _finalize_kernel[(triton.cdiv(n, block),)](
         hi, lo, scale, scale if zero is None else zero, n, d, tiles.splits,
-        QMAX=scheme.qmax, SYMMETRIC=scheme.symmetric, BLOCK=1024,
+        QMAX=scheme.qmax, SYMMETRIC=scheme.symmetric, BLOCK=block, BLOCK_S=block_s,
     )
     if codes is not None:
-        _launch_encode(x, codes, scale, zero, scheme, tiles)
+        encode_tiles = _tuned("encode", scheme, x.dtype, x.numel()) or _grid_tiles(b * t, d)
+        _launch_encode(x, codes, scale, zero, scheme, encode_tiles)
 
 
 def _even(scheme: Scheme, group: int, channels: int) -> dict:
