@@ -218,6 +218,42 @@ def test_integer_rounding_ties_and_clamping(fmt: str) -> None:
     assert_same(quant.encode(x.to(DEVICE), scheme, scale.to(DEVICE), dev), want, "codes")
 
 
+# Integer codes computed with the scales' reciprocals (quantize's own scales: the one-pass channel and
+# token kernels, and the split channel path whose fold writes the reciprocals) must stay exact where
+# x / s is a tie but x * RN(1 / s) is not: with s = 7 / 64, 126.5 s / s reads as 126.5000076 (and 14.5 s
+# likewise). The tiles holding such elements fall back to IEEE division. A subnormal channel, whose
+# scale's reciprocal overflows, falls back too.
+@pytest.mark.parametrize("fmt,shape,tiles", [
+    ("int8-token", (2, 40, 300), None),
+    ("int4-token-g32", (2, 40, 96), None),
+    ("int8-channel-g128", (1, 256, 96), None),
+    ("int4-channel-g64", (2, 128, 96), None),
+    ("int8-channel", (2, 700, 48), None),
+    ("int4-channel", (1, 700, 48), Tiles(16, 16, splits=3)),
+])
+def test_reciprocal_codes_at_exact_ties(fmt: str, shape: tuple[int, int, int], tiles: Tiles | None) -> None:
+    scheme = parse(fmt)
+    s = 7 / 64
+    x = _random(shape, torch.float32, seed=11) * s
+    k = torch.arange(-scheme.qmax + 1, scheme.qmax) if scheme.symmetric else torch.arange(scheme.qmax)
+    ties = (k + 0.5) * s  # x / s = k + 0.5, exactly representable
+    top = scheme.qmax * s  # the largest element of a group: its scale is s (min 0 for int4)
+    n = ties.numel()
+    if scheme.axis == "token":
+        g = scheme.group_size(shape[1], shape[2])
+        for c0 in range(0, shape[2] - g + 1, g):
+            m = min(n, g - 2)
+            x[:, ::3, c0:c0 + g] = 0.0
+            x[:, ::3, c0:c0 + m] = ties[-m:]
+            x[:, ::3, c0 + m] = top
+    else:
+        x[:, :, ::5] = ties.repeat(-(-shape[1] // n))[: shape[1], None]
+        x[:, 0, ::5] = top
+        x[:, 1, ::5] = 0.0
+    x[:, :, 1] = torch.linspace(-1e-39, 1e-39, shape[1])  # a subnormal channel scale
+    check_format(x.to(DEVICE), fmt, tiles)
+
+
 @pytest.mark.parametrize("fmt", ("int8-channel-g4", "int4-channel-g4", "int2-token-g4", "fp8-e4m3-token-g4"))
 def test_zero_and_constant_groups(fmt: str) -> None:
     """All-zero and constant groups get scale 1 and dequantize exactly; mixed with ordinary groups."""
