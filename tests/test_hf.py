@@ -307,7 +307,10 @@ def _check_device_map(layer_devices: list[str | int]) -> None:
     model = LlamaForCausalLM(tiny_config(layers=len(layer_devices))).to(dtype).eval()
     device_map = {"model.embed_tokens": first, "model.rotary_emb": first, "model.norm": last, "lm_head": last,
                   **{f"model.layers.{i}": dev for i, dev in enumerate(layer_devices)}}
-    model = dispatch_model(model, device_map=device_map)
+    # main_device "cpu": layers mapped to the CPU run there (otherwise accelerate offloads their weights
+    # and runs them on the first GPU).
+    main = "cpu" if "cpu" in layer_devices else None
+    model = dispatch_model(model, device_map=device_map, main_device=main)
     cache = int8_cache(model)
     ids = torch.randint(3, VOCAB, (2, 50), device=_torch_device(first))
     out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=20,

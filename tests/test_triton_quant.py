@@ -218,11 +218,10 @@ def test_integer_rounding_ties_and_clamping(fmt: str) -> None:
     assert_same(quant.encode(x.to(DEVICE), scheme, scale.to(DEVICE), dev), want, "codes")
 
 
-# Integer codes computed with the scales' reciprocals (quantize's own scales: the one-pass channel and
-# token kernels, and the split channel path whose fold writes the reciprocals) must stay exact where
-# x / s is a tie but x * RN(1 / s) is not: with s = 7 / 64, 126.5 s / s reads as 126.5000076 (and 14.5 s
-# likewise). The tiles holding such elements fall back to IEEE division. A subnormal channel, whose
-# scale's reciprocal overflows, falls back too.
+# Exact ties of x / s inside quantize (the one-pass channel and token kernels, and the split channel
+# path), where a quotient through the reciprocal would misround: with s = 7 / 64, 126.5 s * RN(1 / s)
+# reads as 126.5000076 (and 14.5 s likewise); round half to even must give 126 and 14. A subnormal
+# channel (whose scale's reciprocal overflows) rides along.
 @pytest.mark.parametrize("fmt,shape,tiles", [
     ("int8-token", (2, 40, 300), None),
     ("int4-token-g32", (2, 40, 96), None),

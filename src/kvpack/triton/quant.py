@@ -22,9 +22,7 @@ How each format is computed:
   element's scale looked up by its indices; ``_token_dequantize_kernel`` dequantizes token-axis
   formats in the tiles of ``_token_kernel``, one scale load per group.
 
-Numerics are the reference's: float32 arithmetic, IEEE division (``tl.div_rn``; integer codes multiply
-by the scale's correctly rounded reciprocal instead and fall back to the division for any tile where
-that could round differently, see ``_rounded_quotient``), round half to even
+Numerics are the reference's: float32 arithmetic, IEEE division (``tl.div_rn``), round half to even
 (``_rint``), FP8 rounding to nearest even on the FP8 grid done in float32 (``_fp8_round``) so that the
 final cast is exact on the GPU and in Triton's CPU interpreter alike, and bfloat16 outputs rounded to
 nearest even in float32 before their cast for the same reason. A NaN counts as an infinite maximum
@@ -217,52 +215,19 @@ def _store_scales(scale_ptr, zero_ptr, offs, mask, s, z, SYMMETRIC: tl.constexpr
 
 @triton.jit
 def _codes(
-    x, s, z, r, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr,
-    RECIP: tl.constexpr,
+    x, s, z, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr
 ):
     """Codes of ``x``: int32 for the integer formats, float32 FP8 grid values for FP8. Clamping before
     rounding gives the reference's ``clamp(round(y))`` (the bounds are integers) and keeps |y| small
-    for the rounding trick. ``RECIP``: integer codes from the reciprocals ``r`` of the scales
-    (:func:`_rounded_quotient`), else from IEEE divisions."""
+    for the rounding trick."""
     if FP8_MANT > 0:
         y = tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX)
         q = _fp8_round(y, FP8_MANT, FP8_EMIN)
-    elif RECIP:
-        if SYMMETRIC:
-            q = _rounded_quotient(x, s, r, -QMAX, QMAX)
-        else:
-            q = _rounded_quotient(x - z, s, r, 0.0, QMAX)
     elif SYMMETRIC:
         q = _round_to_int(tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX))
     else:
         q = _round_to_int(tl.minimum(tl.maximum(tl.div_rn(x - z, s), 0.0), QMAX))
     return q
-
-
-#: Half-integers within this of a quotient ``d * RN(1 / s)`` of magnitude at most 2^8 may lie between it
-#: and ``d / s`` (see _rounded_quotient).
-_NEAR_TIE = tl.constexpr(2.0**-14)
-
-
-@triton.jit
-def _rounded_quotient(d, s, r, LO: tl.constexpr, HI: tl.constexpr):
-    """``round_half_even(clamp(d / s, LO, HI))`` as int32, exactly, from ``r = RN(1 / s)``: one multiply per
-    element instead of an IEEE division. ``q = RN(d r)`` is within ``2^-23 |d / s|`` (plus 2^-150) of
-    ``d / s``, so for ``|d / s| <= 2^8`` within 2^-15 of it, and where both lie beyond 2^8 the clamp
-    (|HI|, |LO| < 2^7) takes both to the same bound. So rounding ``q`` gives the exact code unless a
-    half-integer lies within 2^-14 of ``clamp(q)``, or ``q`` is not a finite number below 2^22
-    (``r`` infinite for a subnormal scale, NaN). If any element of the tile is such a case, the whole
-    tile is recomputed with IEEE divisions (one branch per tile; in practice a tile in about a
-    million)."""
-    q = d * r
-    y = tl.minimum(tl.maximum(q, LO), HI)
-    t = y + 12582912.0  # see _round_to_int: t holds round_half_even(y) in its low bits
-    n = t - 12582912.0
-    doubt = (tl.abs(tl.abs(y - n) - 0.5) <= _NEAR_TIE) | ~(tl.abs(q) < 4194304.0)
-    code = t.to(tl.int32, bitcast=True) - 0x4B400000
-    if tl.max(tl.max(doubt.to(tl.int32), 1), 0) > 0:
-        code = _round_to_int(tl.minimum(tl.maximum(tl.div_rn(d, s), LO), HI))
-    return code
 
 
 @triton.jit
@@ -316,13 +281,11 @@ def _dequantize_values(q, s, z, SYMMETRIC: tl.constexpr, OUT_BF16: tl.constexpr)
 
 @triton.jit
 def _encode_tile(
-    codes_ptr, x, mask, s, z, r, base, limit, row_ok,
+    codes_ptr, x, mask, s, z, base, limit, row_ok,
     BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
-    FP8_EMIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, RECIP: tl.constexpr,
+    FP8_EMIN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Encode the 2-D tile ``x`` and store its codes (see :func:`_store_codes`); ``r``: the reciprocals
-    of the scales if ``RECIP`` (else unused)."""
-    q = _codes(x, s, z, r, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, RECIP)
+    q = _codes(x, s, z, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN)
     q = tl.where(mask, q, tl.zeros_like(q))
     _store_codes(codes_ptr, q, base, limit, row_ok, BITS, BLOCK_R, BLOCK_C)
 
@@ -429,13 +392,12 @@ def _channel_kernel(
         _store_scales(scale_ptr, zero_ptr, bg * D + d, d_ok, s, z, SYMMETRIC)
         if ENCODE:
             PER: tl.constexpr = 8 // BITS
-            r = tl.div_rn(1.0, s)
             limit = DB - col0 // PER
             c_span = codes_ptr + (row0 + t_lo) * DB
             if ONE_CHUNK:
                 _encode_tile(
-                    c_span, x, mask, s[None, :], z[None, :], r[None, :], t * DB + col0 // PER, limit, row_ok,
-                    BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D, True,
+                    c_span, x, mask, s[None, :], z[None, :], t * DB + col0 // PER, limit, row_ok,
+                    BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
                 )
             else:
                 for t0 in range(0, n, BLOCK_T):
@@ -443,22 +405,19 @@ def _channel_kernel(
                     mask = row_ok[:, None] & d_ok[None, :]
                     x = tl.load(x_span + ((t0 + t)[:, None] * D + d[None, :]), mask=mask, other=0.0)
                     _encode_tile(
-                        c_span, x.to(tl.float32), mask, s[None, :], z[None, :], r[None, :],
-                        (t0 + t) * DB + col0 // PER, limit, row_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN,
-                        BLOCK_T, BLOCK_D, True,
+                        c_span, x.to(tl.float32), mask, s[None, :], z[None, :], (t0 + t) * DB + col0 // PER,
+                        limit, row_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
                     )
 
 
 @triton.jit
 def _finalize_kernel(
-    hi_ptr, lo_ptr, scale_ptr, zero_ptr, recip_ptr, n, D, splits,
+    hi_ptr, lo_ptr, scale_ptr, zero_ptr, n, D, splits,
     QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
-    RECIP: tl.constexpr,
 ):
     """Fold the ``splits`` partial rows of :func:`_channel_kernel` (``[bg * splits + i, D]``) into the
     scales and zero points ``[bg, D]`` (n = B * sT * D of them), every partial row loaded at once
-    (``BLOCK_S >= splits``) rather than one after another. Max and min are exact in any order. With
-    ``RECIP`` also the scales' reciprocals, as float32 (for :func:`_encode_kernel`)."""
+    (``BLOCK_S >= splits``) rather than one after another. Max and min are exact in any order."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < n
     i = tl.arange(0, BLOCK_S)
@@ -470,8 +429,6 @@ def _finalize_kernel(
         lo = tl.min(tl.load(lo_ptr + part, mask=mask, other=float("inf")), 0)
     s, z = _scale_zero(hi, lo, QMAX, SYMMETRIC)
     _store_scales(scale_ptr, zero_ptr, idx, ok, s, z, SYMMETRIC)
-    if RECIP:
-        tl.store(recip_ptr + idx, tl.div_rn(1.0, s), mask=ok)
 
 
 @triton.jit
@@ -529,9 +486,8 @@ def _channel_pipeline_kernel(
             x = tl.load(x_ptr + rows[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
             PER: tl.constexpr = 8 // BITS
             _encode_tile(
-                codes_ptr, x, mask, s[None, :], z[None, :], tl.div_rn(1.0, s)[None, :],
-                rows * DB + col0 // PER, DB - col0 // PER, row_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN,
-                BLOCK_T, BLOCK_D, True,
+                codes_ptr, x, mask, s[None, :], z[None, :], rows * DB + col0 // PER, DB - col0 // PER, row_ok,
+                BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
             )
 
 
@@ -594,44 +550,38 @@ def _token_kernel(
     _store_scales(scale_ptr, zero_ptr, p, p_ok, s, z, SYMMETRIC)
     if ENCODE:
         PER: tl.constexpr = 8 // BITS
-        r = tl.div_rn(1.0, s)
         if ONE_CHUNK:
             _encode_tile(
-                codes_ptr, x, mask, s[:, None], z[:, None], r[:, None], cbase, n_bytes, p_ok,
-                BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_R, BLOCK_G, True,
+                codes_ptr, x, mask, s[:, None], z[:, None], cbase, n_bytes, p_ok,
+                BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_R, BLOCK_G,
             )
         else:
             for k0 in range(0, G, BLOCK_G):
                 mask = p_ok[:, None] & (k0 + k[None, :] < length)
                 x = tl.load(x_ptr + base[:, None] + k0 + k[None, :], mask=mask, other=0.0).to(tl.float32)
                 _encode_tile(
-                    codes_ptr, x, mask, s[:, None], z[:, None], r[:, None], cbase + k0 // PER,
-                    n_bytes - k0 // PER, p_ok, BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_R, BLOCK_G,
-                    True,
+                    codes_ptr, x, mask, s[:, None], z[:, None], cbase + k0 // PER, n_bytes - k0 // PER, p_ok,
+                    BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_R, BLOCK_G,
                 )
 
 
 @triton.jit
 def _encode_kernel(
-    x_ptr, codes_ptr, scale_ptr, zero_ptr, recip_ptr,
+    x_ptr, codes_ptr, scale_ptr, zero_ptr,
     n_rows, T, D, DB, G, sT, sD,
     BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
-    FP8_EMIN: tl.constexpr, CHANNEL: tl.constexpr, ROW_SCALES: tl.constexpr, RECIP: tl.constexpr,
+    FP8_EMIN: tl.constexpr, CHANNEL: tl.constexpr, ROW_SCALES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Codes of the tile (flat rows ``b * T + t``, channels) from the stored scales and zero points,
-    either axis (``reference.encode``); with ``RECIP``, from the scales' reciprocals too (``recip_ptr``,
-    laid out as the scales: see :func:`_rounded_quotient`)."""
+    either axis (``reference.encode``)."""
     row0, t, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
     x = tl.load(x_ptr + row0 * D + (t[:, None] * D + d[None, :]), mask=mask, other=0.0).to(tl.float32)
     s, z = _tile_scales(scale_ptr, zero_ptr, row0, t, d, mask, T, G, sT, sD, CHANNEL, ROW_SCALES, SYMMETRIC)
-    r = s
-    if RECIP:
-        r, _ = _tile_scales(recip_ptr, recip_ptr, row0, t, d, mask, T, G, sT, sD, CHANNEL, ROW_SCALES, True)
     PER: tl.constexpr = 8 // BITS
     _encode_tile(
-        codes_ptr + row0 * DB, x, mask, s, z, r, t * DB + col0 // PER, DB - col0 // PER, row_ok,
-        BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D, RECIP,
+        codes_ptr + row0 * DB, x, mask, s, z, t * DB + col0 // PER, DB - col0 // PER, row_ok,
+        BITS, QMAX, SYMMETRIC, FP8_MANT, FP8_EMIN, BLOCK_T, BLOCK_D,
     )
 
 
@@ -838,16 +788,13 @@ def _launch_channel(
     n = scale.numel()
     block_s = _pow2(tiles.splits)
     block = max(16, min(1024, 4096 // block_s))
-    # Integer codes are encoded from the scales' reciprocals (see _rounded_quotient).
-    recip = (torch.empty(scale.shape, dtype=torch.float32, device=x.device)
-             if codes is not None and scheme.fp8 is None else None)
     _finalize_kernel[(triton.cdiv(n, block),)](
-        hi, lo, scale, scale if zero is None else zero, scale if recip is None else recip, n, d, tiles.splits,
-        QMAX=scheme.qmax, SYMMETRIC=scheme.symmetric, BLOCK=block, BLOCK_S=block_s, RECIP=recip is not None,
+        hi, lo, scale, scale if zero is None else zero, n, d, tiles.splits,
+        QMAX=scheme.qmax, SYMMETRIC=scheme.symmetric, BLOCK=block, BLOCK_S=block_s,
     )
     if codes is not None:
         encode_tiles = _tuned("encode", scheme, x.dtype, x.numel()) or _grid_tiles(b * t, d)
-        _launch_encode(x, codes, scale, zero, scheme, encode_tiles, recip)
+        _launch_encode(x, codes, scale, zero, scheme, encode_tiles)
 
 
 def _even(scheme: Scheme, group: int, channels: int) -> dict:
@@ -882,21 +829,15 @@ def _launch_token(
 
 def _launch_encode(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-    scheme: Scheme, tiles: Tiles, recip: torch.Tensor | None = None,
+    scheme: Scheme, tiles: Tiles,
 ) -> None:
-    """Codes from given scales. An integer format's codes take a multiply per element by the scales'
-    reciprocals (``recip``, float32, laid out as the scales; computed here if not given) instead of a
-    division (see :func:`_rounded_quotient`)."""
     b, t, d = x.shape
     g = scheme.group_size(t, d)
     _check_tile_offsets(tiles, d)
-    if recip is None and scheme.fp8 is None:
-        recip = torch.reciprocal(scale.to(torch.float32))
     _encode_kernel[(triton.cdiv(b * t, tiles.block_t), triton.cdiv(d, tiles.block_d))](
-        x, codes, scale, scale if zero is None else zero, scale if recip is None else recip,
+        x, codes, scale, scale if zero is None else zero,
         b * t, t, d, codes.shape[2], g, scale.shape[1], scale.shape[2],
         CHANNEL=scheme.axis == "channel", ROW_SCALES=_row_scales(scheme, t, g, tiles),
-        RECIP=scheme.fp8 is None,
         BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, **tiles.launch, **_meta(scheme),
     )
 
