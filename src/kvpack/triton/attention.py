@@ -84,7 +84,9 @@ class KernelConfig:
     (``block_m``, a power of two; ``None``: every row of a KV head, at least :data:`MIN_BLOCK_M`).
     ``value_fields``: packed int4/int2 values with per-token or per-channel-row scales accumulate
     ``p v`` one bit field at a time (:func:`_value_fields`) instead of unpacking each tile into channel
-    order; off by default until it is measured on a GPU."""
+    order. Off by default: on an H100 (B=8, 32K, int4) it changes the one-warp default by under 4%
+    (0.253 against 0.254 ms with 32-token tiles; 0.245 with 64-token tiles, whose program without it
+    takes 0.348)."""
 
     block_n: int = 64
     num_warps: int = 2
