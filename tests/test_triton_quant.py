@@ -152,6 +152,12 @@ def test_launch_paths(fmt: str, tiles: Tiles, dtype: torch.dtype) -> None:
     check_format(_random((2, 19, 37), dtype, seed=7), fmt, tiles)
 
 
+@pytest.mark.parametrize("fmt", ["int8-channel", "int4-channel"])
+def test_fold_of_more_partials_than_one_load(fmt: str) -> None:
+    """The fold of partial maxima takes 64 partial rows at a time: 150 splits of one token each."""
+    check_format(_random((2, 150, 24), torch.float32, seed=8), fmt, Tiles(1, 8, splits=150))
+
+
 @pytest.mark.parametrize(
     ("fmt", "shape", "tiles", "row_scales"),
     [

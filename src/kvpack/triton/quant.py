@@ -63,7 +63,8 @@ class Tiles:
             least 8 so that packed codes fill whole bytes.
         splits: channel-axis scales only: programs that share the reduction of one group. Above 1
             they write partial results that a second kernel folds, and the codes need a second
-            read of ``x``.
+            read of ``x``, in tiles of their own (the ``encode`` entry of :data:`TUNED`, else the
+            default grid tiles): these tiles shape the reduction.
         num_warps: warps per program.
         num_stages: software-pipelining depth of the kernels' loops over tokens or channels (None:
             Triton's default).
@@ -416,17 +417,22 @@ def _finalize_kernel(
     QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Fold the ``splits`` partial rows of :func:`_channel_kernel` (``[bg * splits + i, D]``) into the
-    scales and zero points ``[bg, D]`` (n = B * sT * D of them), every partial row loaded at once
-    (``BLOCK_S >= splits``) rather than one after another. Max and min are exact in any order."""
+    scales and zero points ``[bg, D]`` (n = B * sT * D of them), ``BLOCK_S`` partial rows loaded at once
+    rather than one after another. Max and min are exact in any order."""
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < n
-    i = tl.arange(0, BLOCK_S)
-    part = ((idx // D) * splits * D + idx % D)[None, :] + (i * D)[:, None]
-    mask = (i < splits)[:, None] & ok[None, :]
-    hi = tl.max(tl.load(hi_ptr + part, mask=mask, other=-float("inf")), 0)
-    lo = hi
-    if not SYMMETRIC:
-        lo = tl.min(tl.load(lo_ptr + part, mask=mask, other=float("inf")), 0)
+    first = ((idx // D) * splits * D + idx % D)[None, :]
+    hi = tl.full([BLOCK], -float("inf"), tl.float32)
+    lo = tl.full([BLOCK], float("inf"), tl.float32)
+    for i0 in range(0, splits, BLOCK_S):
+        i = i0 + tl.arange(0, BLOCK_S)
+        part = first + (i * D)[:, None]
+        mask = (i < splits)[:, None] & ok[None, :]
+        hi = tl.maximum(hi, tl.max(tl.load(hi_ptr + part, mask=mask, other=-float("inf")), 0))
+        if not SYMMETRIC:
+            lo = tl.minimum(lo, tl.min(tl.load(lo_ptr + part, mask=mask, other=float("inf")), 0))
+    if SYMMETRIC:
+        lo = hi
     s, z = _scale_zero(hi, lo, QMAX, SYMMETRIC)
     _store_scales(scale_ptr, zero_ptr, idx, ok, s, z, SYMMETRIC)
 
@@ -786,8 +792,8 @@ def _launch_channel(
         ONE_CHUNK=span <= tiles.block_t, PARTIAL=True, ENCODE=False, **consts,
     )
     n = scale.numel()
-    block_s = _pow2(tiles.splits)
-    block = max(16, min(1024, 4096 // block_s))
+    block_s = min(_pow2(tiles.splits), 64)
+    block = min(1024, 4096 // block_s)
     _finalize_kernel[(triton.cdiv(n, block),)](
         hi, lo, scale, scale if zero is None else zero, n, d, tiles.splits,
         QMAX=scheme.qmax, SYMMETRIC=scheme.symmetric, BLOCK=block, BLOCK_S=block_s,
