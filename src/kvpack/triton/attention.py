@@ -2,9 +2,10 @@
 
 For each (batch row, KV head) the context, quantized store then full-precision window
 (:class:`kvpack.cache.QuantizedLayer`), is cut into ``num_splits`` chunks, one program each. A program
-holds every query row of its KV head (the GQA query heads times the ``Lq`` new tokens, padded to
-``BLOCK_M >= 16`` rows so ``tl.dot`` can use tensor cores), streams ``BLOCK_N``-token tiles of codes and
-scales, and keeps an online softmax in float32:
+holds the query rows of its KV head (the GQA query heads times the ``Lq`` new tokens; ``BLOCK_M`` of
+them, a power of two: by default all of them, in one warp when they are few, the compiler padding
+``tl.dot``'s tensor-core tiles to 16 rows), streams ``BLOCK_N``-token tiles of codes and scales, and
+keeps an online softmax in float32:
 
     m' = max(m, rowmax(s)),  l' = l * 2^(m - m') + sum 2^(s - m'),  acc' = acc * 2^(m - m') + 2^(s - m') v
 
