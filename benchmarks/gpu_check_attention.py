@@ -198,8 +198,9 @@ def _sweep_preset(preset: str, repeats: int) -> list[dict]:
     nbytes = bench.layer_bytes(layer)
     q = _queries(layer, 32)
     rows = []
-    for i, config in enumerate(bench.sweep_configs(default_config(128, layer.group, layer.key_scheme,
-                                                                  layer.value_scheme))):
+    group_rows = q.shape[1] // layer.window_keys.shape[1]
+    base = default_config(128, layer.group, layer.key_scheme, layer.value_scheme, group_rows)
+    for i, config in enumerate(bench.sweep_configs(base)):
         row = {"preset": preset, "default": i == 0, **dataclasses.asdict(config)}
         try:
             decode(q, layer, config=config)

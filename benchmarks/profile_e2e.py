@@ -35,8 +35,10 @@ def main() -> None:
                 for _ in range(3):
                     model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 torch.cuda.synchronize()
-            print(f"== batch {batch}, {name} launch parameters: step {gpu_ms:.2f} ms GPU, {wall_ms:.2f} ms wall")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=60))
+            print(f"== batch {batch}, {name} launch parameters: step {gpu_ms:.2f} ms GPU, "
+                  f"{wall_ms:.2f} ms wall")
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10,
+                                            max_name_column_width=60))
         kernel.default_config = default
         del cache
         torch.cuda.empty_cache()

@@ -188,8 +188,8 @@ def test_value_fields(key_format: str, value_format: str, group: int | None, hea
     from kvpack.triton.attention import default_config
 
     layer = make_layer(key_format, value_format, group=group, tokens=230, residual=24, head_dim=head_dim)
-    base = default_config(head_dim, layer.group, layer.key_scheme, layer.value_scheme)
     q = queries(layer, 4, 2)
+    base = default_config(head_dim, layer.group, layer.key_scheme, layer.value_scheme, rows=4)
     out = decode(q, layer, config=replace(base, num_splits=splits, value_fields=True))
     assert rel_error(out, expected(q, layer)) < TOLERANCE
 
@@ -202,8 +202,10 @@ def test_query_row_blocks(preset: str, block_m: int, q_heads: int, q_len: int) -
     from kvpack.triton.attention import default_config
 
     layer = make_layer(*CACHE_PRESETS[preset], tokens=230, residual=24)
-    base = default_config(layer.window_keys.shape[-1], layer.group, layer.key_scheme, layer.value_scheme)
     q = queries(layer, q_heads, q_len)
+    _, kv_heads, _, head_dim = layer.window_keys.shape
+    rows = q_heads // kv_heads * q_len
+    base = default_config(head_dim, layer.group, layer.key_scheme, layer.value_scheme, rows)
     out = decode(q, layer, config=replace(base, num_splits=2, block_m=block_m))
     assert rel_error(out, expected(q, layer)) < TOLERANCE
 
@@ -420,11 +422,11 @@ def test_gpu_torch_compile_reduce_overhead() -> None:
 def test_choose_splits_covers_the_context() -> None:
     from kvpack.triton.attention import MAX_SPLITS, choose_splits
 
-    for tokens in (1, 63, 64, 1000, 4096, 32768, 131072 + 5):
-        for programs in (1, 8, 64, 256, 1024):
-            splits, chunk = choose_splits(tokens, programs, 64, torch.device(DEVICE))
-            assert 1 <= splits <= MAX_SPLITS and chunk % 64 == 0
-            assert (splits - 1) * chunk < tokens <= splits * chunk
+    for tokens, programs, warps in itertools.product((1, 63, 64, 1000, 4096, 32768, 131072 + 5),
+                                                     (1, 8, 64, 256, 1024), (1, 2)):
+        splits, chunk = choose_splits(tokens, programs, 64, torch.device(DEVICE), warps)
+        assert 1 <= splits <= MAX_SPLITS and chunk % 64 == 0
+        assert (splits - 1) * chunk < tokens <= splits * chunk
 
 
 def test_bench_attention_runs(tmp_path: Path) -> None:
@@ -523,7 +525,7 @@ def _gpu_run_launches() -> Iterator[dict[str, Any]]:
         yield dict(formats=int8, batch=batch, kv_heads=8, head_dim=128, q_heads=32,
                    tokens=args.e2e_context + 1, start=start)
     for preset in bench.SWEEP_PRESETS:
-        base = default_config(128, 64, *(parse(f) for f in CACHE_PRESETS[preset]))
+        base = default_config(128, 64, *(parse(f) for f in CACHE_PRESETS[preset]), rows=4)
         for config in bench.sweep_configs(base):
             yield dict(formats=CACHE_PRESETS[preset], batch=8, kv_heads=8, head_dim=128, q_heads=32,
                        tokens=32768, config=config)

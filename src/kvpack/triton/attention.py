@@ -804,7 +804,7 @@ def _format_args(scheme: Scheme, group: int, head_dim: int, block_d: int, block_
 
 
 def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: Scheme,
-                   rows: int = 4) -> KernelConfig:
+                   rows: int) -> KernelConfig:
     """Launch parameters for a head dimension and ``rows`` query rows per KV head (GQA heads x new
     tokens). Up to head dim 128 and 16 rows: one warp per program holding exactly the rows (rounded up to
     a power of two) and 32-token tiles (on an H100, B=8, 32 query / 8 KV heads, 32K tokens: int8 0.212 ms
@@ -828,7 +828,7 @@ def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: 
 
 
 def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device,
-                  num_warps: int = KernelConfig.num_warps) -> tuple[int, int]:
+                  num_warps: int) -> tuple[int, int]:
     """``(num_splits, chunk)``: at least enough splits that ``programs * num_splits`` fills every
     resident slot of the GPU once (:data:`RESIDENT_PER_SM` programs of ``num_warps`` warps per SM), and
     up to twice that, whichever count leaves the last wave fullest; no split shorter than

@@ -10,11 +10,13 @@ How each format is computed:
   encodes in one pass over ``x``; a group that fits one tile is encoded from registers, a larger one
   from the L1/L2 copy the reduction just brought in.
 - channel-axis scales over more tokens (``int8-channel`` on a long sequence): nothing can be encoded
-  before its channel's last token is seen. Quantizing more than L2 holds on a GPU,
-  ``_channel_pipeline_kernel`` reduces a slab of a few channels over all tokens, then encodes it
-  while it is still in L2 and the next slab streams in: ``x`` comes from DRAM once. Otherwise the
-  reduction of each group is split over ``splits`` programs that write partial max/min rows,
-  ``_finalize_kernel`` folds them into scales, and ``_encode_kernel`` reads ``x`` again.
+  before its channel's last token is seen. The reduction of each group is split over ``splits``
+  programs that write partial max/min rows, ``_finalize_kernel`` folds them into scales, and
+  ``_encode_kernel`` reads ``x`` again. ``Tiles(pipelined=True)`` opts into
+  ``_channel_pipeline_kernel`` instead, which reduces a slab of a few channels over all tokens, then
+  encodes it while it is still in L2 and the next slab streams in (``x`` comes from DRAM once); on an
+  H100 (2026-11-23) it took 4.8-5.1 ms at 131072 x 8192 float32 against 3.2-3.4 ms for the split
+  reduction (its 128-byte column slabs stride 32 KB between rows), so it is not a default.
 - token-axis scales (reduced over channels): ``_token_kernel``, one tile row per (token, group) pair,
   one pass. When int4/int2 groups end inside a byte (a group size that ``per_byte`` does not divide),
   ``_encode_kernel`` writes the codes from the stored scales instead.
@@ -47,10 +49,6 @@ _FP8_GRID = {"e4m3": (3, -6), "e5m2": (2, -14)}
 _TILE = 8192
 #: Channel-axis groups of up to this many tokens are reduced and encoded by one program.
 _ONE_PASS_TOKENS = 512
-#: Inputs larger than this are quantized per channel by the pipelined kernel by default. Off: on an
-#: H100 (2026-11-23) it took 4.8-5.1 ms at 131072 x 8192 float32 against 3.2-3.4 ms for the split
-#: reduction (its 128-byte column slabs stride 32 KB between rows); ``Tiles(pipelined=True)`` opts in.
-_PIPELINE_BYTES = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -664,18 +662,14 @@ def _grid_tiles(rows: int, channels: int) -> Tiles:
     return Tiles(block_t, block_d, num_warps=_warps(block_t * block_d))
 
 
-def _channel_tiles(x: torch.Tensor, group: int, n_groups: int, with_codes: bool) -> Tiles:
-    """Default tiles of channel-axis scales: one program per group up to ``_ONE_PASS_TOKENS`` tokens.
-    Beyond, a quantize of more than ``_PIPELINE_BYTES`` on a GPU is pipelined through L2 in slabs of
-    128-byte rows; the rest is split, in 1 KB-wide column blocks, over about 8 programs per SM."""
+def _channel_tiles(x: torch.Tensor, group: int, n_groups: int) -> Tiles:
+    """Default tiles of channel-axis scales: one program per group up to ``_ONE_PASS_TOKENS`` tokens;
+    beyond, the group is split, in 1 KB-wide column blocks, over about 8 programs per SM."""
     b, _, d = x.shape
     if group <= _ONE_PASS_TOKENS:
         block_t = min(_pow2(group), 256)
         block_d = min(max(_TILE // block_t, 8), max(_pow2(d), 8))
         return Tiles(block_t, block_d, num_warps=_warps(block_t * block_d))
-    if with_codes and x.is_cuda and x.numel() * x.element_size() > _PIPELINE_BYTES:
-        block_d = min(max(_pow2(d), 8), 128 // x.element_size())
-        return Tiles(_TILE // block_d, block_d, num_warps=8, pipelined=True)
     block_d = min(max(_pow2(d), 8), 1024 // x.element_size())
     block_t = _TILE // block_d
     programs = b * n_groups * triton.cdiv(d, block_d)
@@ -872,7 +866,7 @@ def _scales_and_codes(
     codes = _empty((b, *scheme.code_shape(t, d)), scheme.code_dtype, x.device) if with_codes else None
     tiles = tiles or _tuned("quantize" if with_codes else "compute_scales", scheme, x.dtype, x.numel())
     if scheme.axis == "channel":
-        tiles = tiles or _channel_tiles(x, scheme.group_size(t, d), shape[1], with_codes)
+        tiles = tiles or _channel_tiles(x, scheme.group_size(t, d), shape[1])
         _launch_channel(x, codes, scale, zero, scheme, tiles)
     else:
         tiles = tiles or _token_tiles(b * t * shape[2], scheme.group_size(t, d))
