@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs kvpack's GPU tests, checks and benchmarks on a CUDA machine, one stage after another.
 # Usage: bash benchmarks/gpu_run.sh STAGE...   (stages: env tests cuda triton attention sweep bench
-# bench-g128 bench-large bench-attention e2e profile-e2e eval tune, and pytest:FILE for one test file in
+# bench-g128 bench-large bench-attention e2e profile-e2e overhead eval tune, and pytest:FILE for one test file in
 # 8 workers).
 # Logs and results go to ${OUT:-gpu-out}.
 set -uo pipefail
@@ -45,6 +45,7 @@ for s in "$@"; do
           done ;;
     tune) stage tune python3 benchmarks/tune_quant.py ${TUNE_WORDS:-} ;;
     profile-e2e) stage profile-e2e python3 -W ignore benchmarks/profile_e2e.py ;;
+    overhead) stage overhead python3 -W ignore benchmarks/decode_overhead.py ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -259,6 +259,67 @@ def test_reciprocal_codes_at_exact_ties(fmt: str, shape: tuple[int, int, int], t
     check_format(x.to(DEVICE), fmt, tiles)
 
 
+# Signed zeros and tiny scales through the reciprocal quotient (quant._divide): -0.0 must stay -0 in
+# FP8 codes; channels whose scales lie just above and below 2^-96 (where _divide falls back to the
+# division, tile by tile), and huge ones.
+@pytest.mark.parametrize("fmt,shape,tiles", [
+    ("fp8-e4m3-channel-g128", (2, 256, 40), None),
+    ("fp8-e5m2-token", (2, 24, 40), None),
+    ("fp8-e4m3-channel", (2, 300, 40), Tiles(16, 16, splits=3)),
+    ("int8-channel-g128", (2, 256, 40), None),
+    ("int4-token-g8", (2, 24, 40), None),
+])
+def test_signed_zeros_and_tiny_scales(fmt: str, shape: tuple[int, int, int], tiles: Tiles | None) -> None:
+    x = _random(shape, torch.float32, seed=21)
+    x[:, ::4, :] = -0.0
+    x[:, 1::4, :8] *= 1e-6  # quotients that round to (negative) zero
+    t = torch.linspace(-1.0, 1.0, shape[1])
+    largest = 3e38 if parse(fmt).symmetric else 6e5  # asymmetric scales are float16
+    for c, magnitude in zip(range(8, 14), (1e-26, 2e-27, 1.3e-29, 1e-30, 1e-36, largest), strict=True):
+        x[0, :, c] = t * magnitude  # batch row 1: tiles with no tiny scale
+    check_format(x.to(DEVICE), fmt, tiles)
+
+
+@pytest.fixture(scope="module")
+def divide_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(a_ptr, s_ptr, got_ptr, want_ptr, R: tl.constexpr, C: tl.constexpr):
+        offs = tl.program_id(0) * R * C + tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
+        a = tl.load(a_ptr + offs)
+        s = tl.load(s_ptr + tl.program_id(0) * C + tl.arange(0, C))[None, :]
+        tl.store(got_ptr + offs, quant._divide(a, s, True))
+        tl.store(want_ptr + offs, tl.div_rn(a, s + tl.zeros_like(a)))
+
+    return kernel
+
+
+def test_divide_is_the_correctly_rounded_quotient(divide_kernel) -> None:
+    """quant._divide (reciprocal, then one exact correction) equals IEEE division bit for bit: scales of
+    every binade from 2^-100 to 2^100, numerators uniform in [-130 s, 130 s], at half-integer multiples
+    of s and a few ulps either side of them (where a misrounded quotient changes the code)."""
+    tiles = 64 if DEVICE.type == "cpu" else 1 << 14
+    rows, cols = 64, 32
+    g = torch.Generator().manual_seed(5)
+    exponents = torch.randint(-100, 101, (tiles, cols), generator=g)
+    s = torch.ldexp(1 + torch.rand(tiles, cols, generator=g), exponents)
+    u = (torch.rand(tiles, rows, cols, generator=g) - 0.5) * 260
+    a = u * s[:, None, :]
+    half = (torch.randint(-130, 130, (tiles, rows, cols), generator=g) + 0.5) * s[:, None, :]
+    ulps = torch.randint(-3, 4, (tiles, rows, cols), generator=g, dtype=torch.int32)
+    near = (half.view(torch.int32) + ulps).view(torch.float32)
+    a = torch.where(torch.rand(tiles, rows, cols, generator=g) < 0.5, a, near)
+    a[:, 0, :] = -0.0
+    a, s = a.to(DEVICE), s.to(DEVICE)
+    got, want = torch.empty_like(a), torch.empty_like(a)
+    divide_kernel[(tiles,)](a, s, got, want, R=rows, C=cols)
+    assert torch.equal(want, a / s[:, None, :]), "tl.div_rn is not torch's division"
+    same = got.view(torch.int32) == want.view(torch.int32)
+    assert bool(same.all()), f"{int((~same).sum())} of {same.numel()} quotients differ"
+
+
 @pytest.mark.parametrize("fmt", ("int8-channel-g4", "int4-channel-g4", "int2-token-g4", "fp8-e4m3-token-g4"))
 def test_zero_and_constant_groups(fmt: str) -> None:
     """All-zero and constant groups get scale 1 and dequantize exactly; mixed with ordinary groups."""

@@ -24,7 +24,8 @@ How each format is computed:
   element's scale looked up by its indices; ``_token_dequantize_kernel`` dequantizes token-axis
   formats in the tiles of ``_token_kernel``, one scale load per group.
 
-Numerics are the reference's: float32 arithmetic, IEEE division (``tl.div_rn``), round half to even
+Numerics are the reference's: float32 arithmetic, the correctly rounded quotient of an IEEE division
+(``tl.div_rn``, or from the scale's reciprocal with an exact correction: ``_divide``), round half to even
 (``_rint``), FP8 rounding to nearest even on the FP8 grid done in float32 (``_fp8_round``) so that the
 final cast is exact on the GPU and in Triton's CPU interpreter alike, and bfloat16 outputs rounded to
 nearest even in float32 before their cast for the same reason. A NaN counts as an infinite maximum
@@ -49,6 +50,8 @@ _FP8_GRID = {"e4m3": (3, -6), "e5m2": (2, -14)}
 _TILE = 8192
 #: Channel-axis groups of up to this many tokens are reduced and encoded by one program.
 _ONE_PASS_TOKENS = 512
+#: Kernels run in Triton's CPU interpreter (fixed when the module loads, as triton.jit decides).
+_INTERPRET = tl.constexpr(triton_interpreted())
 
 
 @dataclass(frozen=True)
@@ -213,6 +216,42 @@ def _store_scales(scale_ptr, zero_ptr, offs, mask, s, z, SYMMETRIC: tl.constexpr
 
 
 @triton.jit
+def _fma(a, b, c):
+    """``a * b + c`` rounded once. The interpreter's fma rounds the product first; there the product
+    is taken in float64 (exact for float32 operands) and the sum rounded to float64, then float32."""
+    if _INTERPRET:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    return tl.fma(a, b, c)
+
+
+@triton.jit
+def _divide(a, s, SIGNED_ZERO: tl.constexpr):
+    """``tl.div_rn(a, s)``, the correctly rounded quotient, for ``s > 0``.
+
+    When ``s`` holds fewer elements than ``a`` (a row or column of scales shared by the tile) the
+    quotient comes from the reciprocal ``r = RN(1 / s)``, taken once per scale: ``q = RN(a r)`` is within
+    an ulp of ``a / s``, the remainder ``a - s q`` is exact in one FMA, and ``RN(q + r (a - s q))`` is the
+    correctly rounded quotient (Markstein's correction, as in IA-64's and CUDA's own division). Three
+    multiply-adds an element against the dozen of an IEEE division. Scales below 2^-96 (whose remainders
+    could underflow) or not finite send the whole tile to the division. With SIGNED_ZERO a zero quotient
+    takes ``a``'s sign, as the division's does (FP8 codes keep -0; integer codes need not)."""
+    if s.numel < a.numel:
+        ok = (s >= 2.0**-96) & (s <= 3.4028234663852886e38)
+        if tl.min(ok.to(tl.int32)) == 1:
+            r = tl.div_rn(1.0, s)
+            q0 = a * r
+            q = _fma(_fma(-q0, s, a), r, q0)
+            if SIGNED_ZERO:
+                sign = a.to(tl.int32, bitcast=True) & -2147483648
+                q = (q.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        else:
+            q = tl.div_rn(a, s)
+    else:
+        q = tl.div_rn(a, s)
+    return q
+
+
+@triton.jit
 def _codes(
     x, s, z, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr, FP8_EMIN: tl.constexpr
 ):
@@ -220,12 +259,12 @@ def _codes(
     rounding gives the reference's ``clamp(round(y))`` (the bounds are integers) and keeps |y| small
     for the rounding trick."""
     if FP8_MANT > 0:
-        y = tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX)
+        y = tl.minimum(tl.maximum(_divide(x, s, True), -QMAX), QMAX)
         q = _fp8_round(y, FP8_MANT, FP8_EMIN)
     elif SYMMETRIC:
-        q = _round_to_int(tl.minimum(tl.maximum(tl.div_rn(x, s), -QMAX), QMAX))
+        q = _round_to_int(tl.minimum(tl.maximum(_divide(x, s, False), -QMAX), QMAX))
     else:
-        q = _round_to_int(tl.minimum(tl.maximum(tl.div_rn(x - z, s), 0.0), QMAX))
+        q = _round_to_int(tl.minimum(tl.maximum(_divide(x - z, s, False), 0.0), QMAX))
     return q
 
 
@@ -324,13 +363,15 @@ def _tile_scales(scale_ptr, zero_ptr, row0, t, d, mask, T, G, sT, sD,
     if ROW_SCALES:
         srow = ((row0 // T) * sT + (row0 % T) // G) * sD
         s, z = _load_scales(scale_ptr + srow, zero_ptr + srow, d, d < sD, SYMMETRIC)
-        return tl.broadcast_to(s[None, :], mask.shape), tl.broadcast_to(z[None, :], mask.shape)
-    rows = row0 + t
-    if CHANNEL:
-        offs = ((rows // T) * sT + (rows % T) // G)[:, None] * sD + d[None, :]
+        s, z = s[None, :], z[None, :]
     else:
-        offs = (rows * sD)[:, None] + (d // G)[None, :]
-    return _load_scales(scale_ptr, zero_ptr, offs, mask, SYMMETRIC)
+        rows = row0 + t
+        if CHANNEL:
+            offs = ((rows // T) * sT + (rows % T) // G)[:, None] * sD + d[None, :]
+        else:
+            offs = (rows * sD)[:, None] + (d // G)[None, :]
+        s, z = _load_scales(scale_ptr, zero_ptr, offs, mask, SYMMETRIC)
+    return s, z
 
 
 # ----------------------------------------------------------------------------------------------
