@@ -5,7 +5,8 @@ At batch 8, 32 query / 8 KV heads, head dim 128, for contexts from 1K to 64K tok
 and two waves of programs) and float16 SDPA, with inputs rotated past L2 as ``kvpack bench-attention``
 does, and splits one call's GPU time between the decode kernel and the combine kernel under the
 profiler. A straight-line fit of time against context gives the fixed cost (intercept) and the
-streaming rate (slope) of each.
+streaming rate (slope) of each. Then a few calls on the GPU clock (``timeline``): when each program
+starts and ends, and when each SM's last program ends.
 
     python benchmarks/decode_overhead.py        # writes $OUT/decode_overhead.json
 """
@@ -50,6 +51,41 @@ def _kernel_split(fn, args) -> dict[str, float]:
         if e.device_type.name == "CUDA" and e.count:
             name = "combine" if "combine" in e.key else "decode" if "decode" in e.key else e.key[:30]
             out[name] = out.get(name, 0.0) + e.device_time_total / 10 / 1e3
+    return out
+
+
+def timeline(preset: str, tokens: int, splits: int | None, dev: torch.device) -> dict:
+    """One call's programs on the GPU clock: when they start and end, relative to the first start (us)."""
+    from kvpack.attention import _store
+
+    layer = bench.filled_layer(preset, B, H, tokens, D, dev)
+    q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.float16)
+    base = kernel.default_config(D, layer.group, layer.key_scheme, layer.value_scheme, HQ // H)
+    cfg = base if splits is None else replace(base, num_splits=splits)
+    stamps = torch.zeros(3 * B * H * kernel.MAX_SPLITS * 4, dtype=torch.int64, device=dev)
+
+    def call() -> torch.Tensor:
+        return kernel.decode_attention(
+            q, *_store(layer), layer.window_keys, layer.window_values, layer.num_quantized, layer.num_window,
+            layer.key_scheme, layer.value_scheme, layer.group, D**-0.5, config=cfg, timeline=stamps)
+
+    for _ in range(3):
+        stamps.zero_()
+        call()
+        torch.cuda.synchronize()
+    t = stamps.view(-1, 3)
+    t = t[t[:, 1] > 0].cpu().double()
+    begin, end, sm = (t[:, 0] - t[:, 0].min()) / 1e3, (t[:, 1] - t[:, 0].min()) / 1e3, t[:, 2]
+    dur = end - begin
+    q = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.double)
+    sm_end = torch.zeros(int(sm.max()) + 1, dtype=torch.double).scatter_reduce(0, sm.long(), end, "amax")
+    out = {"preset": preset, "context": tokens, "splits": "default" if splits is None else splits,
+           "programs": len(t), "span_us": round(float(end.max()), 2),
+           "start_quantiles_us": [round(float(x), 2) for x in begin.quantile(q)],
+           "end_quantiles_us": [round(float(x), 2) for x in end.quantile(q)],
+           "duration_quantiles_us": [round(float(x), 2) for x in dur.quantile(q)],
+           "sm_last_end_quantiles_us": [round(float(x), 2) for x in sm_end[sm_end > 0].quantile(q)]}
+    print(out, flush=True)
     return out
 
 
@@ -99,6 +135,11 @@ def main() -> None:
         rows.append(row)
         del inputs
         torch.cuda.empty_cache()
+    lines = []
+    if not SMOKE:
+        for preset, t, splits in (("int8", 16384, None), ("int8", 16384, 32), ("int8", 32768, None),
+                                  ("int4", 16384, None), ("int8", 1024, None)):
+            lines.append(timeline(preset, t, splits, dev))
     fits = {}
     for preset in ("int8", "sdpa-fp16") if SMOKE else ("int8", "int4", "sdpa-fp16"):
         mine = [r for r in rows if r["preset"] == preset and r["context"] >= CONTEXTS[2]]
@@ -111,7 +152,7 @@ def main() -> None:
     with open(os.path.join(out, "decode_overhead.json"), "w") as f:
         name = "cpu" if SMOKE else torch.cuda.get_device_name()
         json.dump({"device": name, "torch": torch.__version__, "rows": rows,
-                   "fits": fits}, f, indent=1)
+                   "fits": fits, "timelines": lines}, f, indent=1)
 
 
 if __name__ == "__main__":

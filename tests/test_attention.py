@@ -429,6 +429,30 @@ def test_choose_splits_covers_the_context() -> None:
         assert (splits - 1) * chunk < tokens <= splits * chunk
 
 
+@pytest.mark.parametrize("sms", (4, 132))
+def test_choose_splits_minimizes_its_cost_model(sms: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split count that ``choose_splits`` picks costs no more, by its model, than any other count
+    (every count tried by brute force); one wave of 16 splits at 16K tokens for B=8 x 8 KV heads on
+    132 SMs, where two waves had measured slower."""
+    from kvpack.triton import attention as kernel
+
+    monkeypatch.setattr(kernel, "_sm_count", lambda device: sms)
+
+    def cost(tokens: int, programs: int, want: int, warps: int) -> tuple[int, int]:
+        splits, chunk = kernel._chunked(tokens, want, 32)
+        slots = kernel.RESIDENT_PER_SM[warps] * sms
+        return -(-programs * splits // slots) * (chunk + kernel.WAVE_COST_TOKENS), splits
+
+    for tokens, programs, warps in itertools.product((1, 100, 1000, 4096, 16384, 32768, 131072 + 5),
+                                                     (1, 8, 64, 96, 600, 1024, 5000), (1, 2)):
+        splits, chunk = kernel.choose_splits(tokens, programs, 32, torch.device(DEVICE), warps)
+        most = max(1, min(kernel.MAX_SPLITS, -(-tokens // kernel.MIN_SPLIT_TOKENS)))
+        best = min(cost(tokens, programs, w, warps)[0] for w in range(1, most + 1))
+        assert cost(tokens, programs, splits, warps)[0] == best, (tokens, programs, warps, splits)
+    if sms == 132:
+        assert kernel.choose_splits(16384, 64, 32, torch.device(DEVICE), 1)[0] == 16
+
+
 def test_bench_attention_runs(tmp_path: Path) -> None:
     import argparse
 

@@ -52,9 +52,13 @@ from kvpack.backends import triton_interpreted
 from kvpack.schemes import FP8_DTYPES, Scheme
 
 #: Most splits of one (batch row, KV head); the combine kernel holds them all in one tile.
-MAX_SPLITS = 64
+MAX_SPLITS = 128
 #: Fewest tokens worth a split of their own.
-MIN_SPLIT_TOKENS = 256
+MIN_SPLIT_TOKENS = 64
+#: What starting and draining a wave of programs costs, in tokens one program could stream meanwhile
+#: (H100, B=8, 32 query / 8 KV heads, int8: one wave of 16 splits of 1024 tokens 0.114 ms, two waves
+#: of 32 splits of 512 tokens 0.120 ms; at 1K tokens 16 splits of 64 tokens 0.018 ms, 4 of 256 0.024).
+WAVE_COST_TOKENS = 64
 #: Programs that fit on one streaming multiprocessor at once (registers), by warps per program: the
 #: sm_90 compile of the int8 cache at head dim 128 takes 255 registers a thread at 1 warp and 4 rows (8
 #: programs of 32 threads), 248 at 2 warps and 16 rows (4 programs of 64 threads), 178 at 4 warps and
@@ -593,6 +597,13 @@ def _store_columns(ptrs, o, ch, row_ok, D: tl.constexpr, INTERPRET: tl.constexpr
 
 
 @triton.jit
+def _clock(dummy):
+    """The GPU's global nanosecond timer (profiling only; ``dummy``: any scalar, for the shape)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
+                                     is_pure=False, pack=1)
+
+
+@triton.jit
 def _softmax_step(s, tok, ok, qpos, m_i, l_i):
     """Online softmax over a tile of scores ``s`` (already times ``scale * log2(e)``): masks the keys a
     query may not see, returns the new max and sum, the weights ``p`` and the rescale of the old
@@ -610,7 +621,7 @@ def _softmax_step(s, tok, ok, qpos, m_i, l_i):
 def _decode_kernel(
     Q, Out, MidO, MidL,
     KC, KS, KZ, VC, VS, VZ, WK, WV,
-    Start, End,
+    Start, End, Timeline,
     qk_scale, n_quant, n_window, chunk, num_splits, num_kv_heads, rep, lq,
     stride_qb, stride_qh, stride_qm,
     stride_ob, stride_oh, stride_om,
@@ -627,11 +638,13 @@ def _decode_kernel(
     V_ROW_DIV: tl.constexpr, V_COL_DIV: tl.constexpr,
     HAS_START: tl.constexpr, HAS_END: tl.constexpr, SPLIT: tl.constexpr, MASKED: tl.constexpr,
     V_WORDS: tl.constexpr, V_FIELDS: tl.constexpr, V_FW: tl.constexpr, INTERPRET: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TIMELINE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
+    if TIMELINE:
+        started = _clock(pid_bh)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     h = (pid_bh % num_kv_heads).to(tl.int64)
 
@@ -743,6 +756,13 @@ def _decode_kernel(
         rows_out = MidO + r[:, None] * D
     else:
         rows_out = Out + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_om
+    if TIMELINE:
+        # Profiling only: the program's start and end (ns, %globaltimer) and its SM.
+        at = Timeline + ((pid_bh * num_splits + split) * tl.num_programs(2) + pid_m).to(tl.int64) * 3
+        tl.store(at, started)
+        tl.store(at + 1, _clock(pid_bh))
+        tl.store(at + 2, tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r,r", [pid_bh], dtype=tl.int32,
+                                                   is_pure=False, pack=1).to(tl.int64))
     if V_FIELDS:
         _store_columns(rows_out, acc0 / l_safe, ch, row_ok, D, INTERPRET)
         _store_columns(rows_out, acc1 / l_safe, ch + 1, row_ok, D, INTERPRET)
@@ -829,22 +849,26 @@ def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: 
 
 def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device,
                   num_warps: int) -> tuple[int, int]:
-    """``(num_splits, chunk)``: at least enough splits that ``programs * num_splits`` fills every
-    resident slot of the GPU once (:data:`RESIDENT_PER_SM` programs of ``num_warps`` warps per SM), and
-    up to twice that, whichever count leaves the last wave fullest; no split shorter than
-    :data:`MIN_SPLIT_TOKENS`, at most :data:`MAX_SPLITS`. ``chunk`` is the tokens per split, a whole
-    number of tiles."""
+    """``(num_splits, chunk)`` for ``programs`` programs per split: the split count whose programs take
+    the least time by the model ``waves * (chunk + WAVE_COST_TOKENS)``, where a wave is the
+    :data:`RESIDENT_PER_SM` programs of ``num_warps`` warps per SM that run at once and ``chunk`` the
+    tokens of each program. Within a number of waves the most splits are best, so only the largest count
+    of each wave count is tried. No split shorter than :data:`MIN_SPLIT_TOKENS`, at most
+    :data:`MAX_SPLITS`; ``chunk`` is a whole number of tiles."""
     slots = RESIDENT_PER_SM.get(num_warps, 1) * _sm_count(device)
+    programs = max(programs, 1)
     most = max(1, min(MAX_SPLITS, math.ceil(tokens / MIN_SPLIT_TOKENS)))
-    fill = min(most, math.ceil(slots / max(programs, 1)))
-    best: tuple[float, int, int] | None = None
-    for want in range(fill, min(most, 2 * fill) + 1):
+    best: tuple[int, int, int] | None = None
+    waves = math.ceil(programs / slots)
+    while True:
+        want = min(most, max(1, waves * slots // programs))
         splits, chunk = _chunked(tokens, want, block_n)
-        total = programs * splits
-        fullness = total / (slots * math.ceil(total / slots))
-        if best is None or fullness > best[0] + 0.02:
-            best = (fullness, splits, chunk)
-    return best[1], best[2]
+        cost = math.ceil(programs * splits / slots) * (chunk + WAVE_COST_TOKENS)
+        if best is None or cost < best[0]:
+            best = (cost, splits, chunk)
+        if want == most:
+            return best[1], best[2]
+        waves += 1
 
 
 def _chunked(tokens: int, splits: int, block_n: int) -> tuple[int, int]:
@@ -896,6 +920,7 @@ def decode_attention(
     end: torch.Tensor | None = None,
     config: KernelConfig | None = None,
     out: torch.Tensor | None = None,
+    timeline: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, Hq, Lq, D]`` over a quantized store plus a full-precision window.
 
@@ -913,6 +938,9 @@ def decode_attention(
             queries are its last ``Lq`` valid tokens (causal among themselves).
         config: tile sizes and splits (default: :func:`default_config`, :func:`choose_splits`).
         out: optional ``[B, Hq, Lq, D]`` tensor in q's dtype to write into.
+        timeline: profiling on a GPU: an int64 tensor of at least ``3 * programs`` elements that receives
+            each program's start and end time (ns) and SM, program ``(bh, split, m)`` at
+            ``((bh * splits + split) * row_blocks + m) * 3`` (see ``benchmarks/decode_overhead.py``).
 
     Returns:
         ``[B, Hq, Lq, D]`` in q's dtype.
@@ -930,6 +958,10 @@ def decode_attention(
                                       config.num_warps)
     else:
         splits, chunk = _chunked(tokens, config.num_splits, config.block_n)
+    if timeline is not None and (triton_interpreted() or timeline.dtype != torch.int64
+                                 or timeline.numel() < 3 * bsz * hkv * splits * row_blocks):
+        raise ValueError(f"timeline needs a GPU and an int64 tensor of {3 * bsz * hkv * splits * row_blocks} "
+                         "or more elements")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if splits > 1:
@@ -960,6 +992,7 @@ def decode_attention(
         value_codes, value_scale, value_scale if value_zero is None else value_zero,
         window_keys, window_values,
         q if start is None else start, q if end is None else end,  # q: a placeholder, never read
+        q if timeline is None else timeline,
         scale * math.log2(math.e), num_quantized, num_window, chunk, splits, hkv, hq // hkv, lq,
         *q.stride()[:3], *out.stride()[:3],
         *key_codes.stride()[:3], *key_scale.stride()[:3],
@@ -973,7 +1006,7 @@ def decode_attention(
         V_FIELDS=fields,
         V_FW=max(16, block_d // value_scheme.per_byte),
         INTERPRET=triton_interpreted(),
-        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d,
+        BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, TIMELINE=timeline is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:

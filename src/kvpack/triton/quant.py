@@ -107,12 +107,12 @@ TUNED_MIN_ELEMENTS = 1 << 24
 #: ``quantize``, ``compute_scales``, ``encode`` or ``dequantize`` (whose dtype is the output's). Only
 #: the speed depends on them; ``benchmarks/tune_quant.py`` prints a replacement for this table.
 #: H100 (2026-11-23), 131072 x 8192: the split reduction in 512-channel blocks, 3.20 ms against 3.37;
-#: int8-channel-g128 from float16 in 64-token x 128-channel tiles of 4 warps, 1.54 ms against 1.75
-#: (benchmarks/results/h100/round2/tune-tile-addressing.log).
+#: int8-channel-g128 from float16 in 64-token x 128-channel tiles of 2 warps, 1.43 ms against 1.61 with 4
+#: warps (benchmarks/results/h100/round4/tune.log, with the reciprocal quotients of ``_divide``).
 TUNED: dict[tuple[str, str, str], Tiles] = {
     ("quantize", "int8-channel", "float32"): Tiles(16, 512, splits=33, num_warps=8),
     ("encode", "int8-channel", "float32"): Tiles(1, 2048, num_warps=2),
-    ("quantize", "int8-channel-g128", "float16"): Tiles(64, 128, num_warps=4),
+    ("quantize", "int8-channel-g128", "float16"): Tiles(64, 128, num_warps=2),
 }
 
 
