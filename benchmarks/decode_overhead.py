@@ -54,14 +54,16 @@ def _kernel_split(fn, args) -> dict[str, float]:
     return out
 
 
-def timeline(preset: str, tokens: int, splits: int | None, dev: torch.device) -> dict:
-    """One call's programs on the GPU clock: when they start and end, relative to the first start (us)."""
+def timeline(preset: str, tokens: int, splits: int | None, dev: torch.device,
+             cost: float | None = None) -> dict:
+    """One call's programs on the GPU clock: when they start and end, relative to the first start (us),
+    and the mean time of the programs of the last split (which hold the window) and of the others."""
     from kvpack.attention import _store
 
     layer = bench.filled_layer(preset, B, H, tokens, D, dev)
     q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.float16)
     base = kernel.default_config(D, layer.group, layer.key_scheme, layer.value_scheme, HQ // H)
-    cfg = base if splits is None else replace(base, num_splits=splits)
+    cfg = replace(base, num_splits=splits, window_cost=cost)
     stamps = torch.zeros(3 * B * H * kernel.MAX_SPLITS * 4, dtype=torch.int64, device=dev)
 
     def call() -> torch.Tensor:
@@ -74,12 +76,17 @@ def timeline(preset: str, tokens: int, splits: int | None, dev: torch.device) ->
         call()
         torch.cuda.synchronize()
     t = stamps.view(-1, 3)
-    t = t[t[:, 1] > 0].cpu().double()
+    n = int((t[:, 1] > 0).sum())
+    splits_used = n // (B * H)  # one row block: program (bh, split) at bh * splits + split
+    last = torch.arange(n) % splits_used == splits_used - 1
+    t = t[:n].cpu().double()
     begin, end, sm = (t[:, 0] - t[:, 0].min()) / 1e3, (t[:, 1] - t[:, 0].min()) / 1e3, t[:, 2]
     dur = end - begin
     q = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.double)
     sm_end = torch.zeros(int(sm.max()) + 1, dtype=torch.double).scatter_reduce(0, sm.long(), end, "amax")
-    out = {"preset": preset, "context": tokens, "splits": "default" if splits is None else splits,
+    out = {"preset": preset, "context": tokens, "splits": splits_used, "window_cost": cost or "bytes",
+           "last_split_mean_us": round(float(dur[last].mean()), 2),
+           "other_splits_mean_us": round(float(dur[~last].mean()), 2),
            "programs": len(t), "span_us": round(float(end.max()), 2),
            "start_quantiles_us": [round(float(x), 2) for x in begin.quantile(q)],
            "end_quantiles_us": [round(float(x), 2) for x in end.quantile(q)],
@@ -113,7 +120,8 @@ def main() -> None:
             one_wave = max(1, slots // (B * H))
             row = {"preset": preset, "context": t, "bytes": bench.layer_bytes(first),
                    "default_splits": splits}
-            for name, cfg in (("default", None), ("one_wave", replace(base, num_splits=one_wave)),
+            for name, cfg in (("default", None), ("tokens_cut", replace(base, window_cost=1.0)),
+                              ("one_wave", replace(base, num_splits=one_wave)),
                               ("two_waves", replace(base, num_splits=2 * one_wave)),
                               ("one_split", replace(base, num_splits=1))):
                 ms = _time(lambda layer, c=cfg: decode(q, layer, config=c), [(x,) for x in layers])
@@ -137,9 +145,10 @@ def main() -> None:
         torch.cuda.empty_cache()
     lines = []
     if not SMOKE:
-        for preset, t, splits in (("int8", 16384, None), ("int8", 16384, 32), ("int8", 32768, None),
-                                  ("int4", 16384, None), ("int8", 1024, None)):
-            lines.append(timeline(preset, t, splits, dev))
+        for preset, t, splits, cost in (("int8", 16384, None, None), ("int8", 16384, None, 1.0),
+                                        ("int8", 32768, None, None), ("int8", 32768, None, 1.0),
+                                        ("int4", 16384, None, None), ("int4", 16384, None, 1.0)):
+            lines.append(timeline(preset, t, splits, dev, cost))
     fits = {}
     for preset in ("int8", "sdpa-fp16") if SMOKE else ("int8", "int4", "sdpa-fp16"):
         mine = [r for r in rows if r["preset"] == preset and r["context"] >= CONTEXTS[2]]
