@@ -6,7 +6,8 @@ and two waves of programs) and float16 SDPA, with inputs rotated past L2 as ``kv
 does, and splits one call's GPU time between the decode kernel and the combine kernel under the
 profiler. A straight-line fit of time against context gives the fixed cost (intercept) and the
 streaming rate (slope) of each. Then a few calls on the GPU clock (``timeline``): when each program
-starts and ends, and when each SM's last program ends.
+starts and ends, and when each SM's last program ends; and capped registers per thread (``maxnreg``),
+timed as CUDA graph replays.
 
     python benchmarks/decode_overhead.py        # writes $OUT/decode_overhead.json
 """
@@ -54,8 +55,7 @@ def _kernel_split(fn, args) -> dict[str, float]:
     return out
 
 
-def timeline(preset: str, tokens: int, splits: int | None, dev: torch.device,
-             cost: float | None = None) -> dict:
+def timeline(preset: str, tokens: int, splits: int | None, dev: torch.device) -> dict:
     """One call's programs on the GPU clock: when they start and end, relative to the first start (us),
     and the mean time of the programs of the last split (which hold the window) and of the others."""
     from kvpack.attention import _store
@@ -63,7 +63,7 @@ def timeline(preset: str, tokens: int, splits: int | None, dev: torch.device,
     layer = bench.filled_layer(preset, B, H, tokens, D, dev)
     q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.float16)
     base = kernel.default_config(D, layer.group, layer.key_scheme, layer.value_scheme, HQ // H)
-    cfg = replace(base, num_splits=splits, window_cost=cost)
+    cfg = replace(base, num_splits=splits)
     stamps = torch.zeros(3 * B * H * kernel.MAX_SPLITS * 4, dtype=torch.int64, device=dev)
 
     def call() -> torch.Tensor:
@@ -84,7 +84,7 @@ def timeline(preset: str, tokens: int, splits: int | None, dev: torch.device,
     dur = end - begin
     q = torch.tensor([0.0, 0.1, 0.5, 0.9, 1.0], dtype=torch.double)
     sm_end = torch.zeros(int(sm.max()) + 1, dtype=torch.double).scatter_reduce(0, sm.long(), end, "amax")
-    out = {"preset": preset, "context": tokens, "splits": splits_used, "window_cost": cost or "bytes",
+    out = {"preset": preset, "context": tokens, "splits": splits_used,
            "last_split_mean_us": round(float(dur[last].mean()), 2),
            "other_splits_mean_us": round(float(dur[~last].mean()), 2),
            "programs": len(t), "span_us": round(float(end.max()), 2),
@@ -93,6 +93,35 @@ def timeline(preset: str, tokens: int, splits: int | None, dev: torch.device,
            "duration_quantiles_us": [round(float(x), 2) for x in dur.quantile(q)],
            "sm_last_end_quantiles_us": [round(float(x), 2) for x in sm_end[sm_end > 0].quantile(q)]}
     print(out, flush=True)
+    return out
+
+
+def registers(dev: torch.device) -> list[dict]:
+    """Capped registers per thread (more one-warp programs resident per SM, one wave of them), CUDA-graph
+    timed, against the default."""
+    out = []
+    g = torch.Generator(device=dev).manual_seed(2)
+    q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.float16, generator=g)
+    sms = kernel._sm_count(dev)
+    for preset in ("int8", "int4"):
+        for t in (16384, 32768):
+            first = bench.filled_layer(preset, B, H, t, D, dev)
+            n = harness.rotation(bench.layer_bytes(first), dev)
+            layers = [first] + [bench.filled_layer(preset, B, H, t, D, dev, seed=i) for i in range(1, n)]
+            base = kernel.default_config(D, first.group, first.key_scheme, first.value_scheme, HQ // H)
+            for regs in (None, 200, 168, 128):
+                resident = 65536 // (32 * (regs or 255))
+                cfg = replace(base, maxnreg=regs, num_splits=resident * sms // (B * H))
+                for name, c in (("default", None), ("capped", cfg)) if regs is None else (("capped", cfg),):
+                    samples, _ = harness.time_graph(lambda layer, c=c: decode(q, layer, config=c),
+                                                    [(x,) for x in layers], 20)
+                    row = {"preset": preset, "context": t, "maxnreg": regs, "config": name,
+                           "splits": cfg.num_splits if c else "default",
+                           "ms": round(harness.median(samples) * 1e3, 4)}
+                    print(row, flush=True)
+                    out.append(row)
+            del layers, first
+            torch.cuda.empty_cache()
     return out
 
 
@@ -120,8 +149,7 @@ def main() -> None:
             one_wave = max(1, slots // (B * H))
             row = {"preset": preset, "context": t, "bytes": bench.layer_bytes(first),
                    "default_splits": splits}
-            for name, cfg in (("default", None), ("tokens_cut", replace(base, window_cost=1.0)),
-                              ("one_wave", replace(base, num_splits=one_wave)),
+            for name, cfg in (("default", None), ("one_wave", replace(base, num_splits=one_wave)),
                               ("two_waves", replace(base, num_splits=2 * one_wave)),
                               ("one_split", replace(base, num_splits=1))):
                 ms = _time(lambda layer, c=cfg: decode(q, layer, config=c), [(x,) for x in layers])
@@ -143,12 +171,12 @@ def main() -> None:
         rows.append(row)
         del inputs
         torch.cuda.empty_cache()
-    lines = []
+    lines, regs = [], []
     if not SMOKE:
-        for preset, t, splits, cost in (("int8", 16384, None, None), ("int8", 16384, None, 1.0),
-                                        ("int8", 32768, None, None), ("int8", 32768, None, 1.0),
-                                        ("int4", 16384, None, None), ("int4", 16384, None, 1.0)):
-            lines.append(timeline(preset, t, splits, dev, cost))
+        regs = registers(dev)
+        for preset, t, splits in (("int8", 16384, None), ("int8", 16384, 32), ("int8", 32768, None),
+                                  ("int4", 16384, None)):
+            lines.append(timeline(preset, t, splits, dev))
     fits = {}
     for preset in ("int8", "sdpa-fp16") if SMOKE else ("int8", "int4", "sdpa-fp16"):
         mine = [r for r in rows if r["preset"] == preset and r["context"] >= CONTEXTS[2]]
@@ -161,7 +189,7 @@ def main() -> None:
     with open(os.path.join(out, "decode_overhead.json"), "w") as f:
         name = "cpu" if SMOKE else torch.cuda.get_device_name()
         json.dump({"device": name, "torch": torch.__version__, "rows": rows,
-                   "fits": fits, "timelines": lines}, f, indent=1)
+                   "fits": fits, "timelines": lines, "registers": regs}, f, indent=1)
 
 
 if __name__ == "__main__":

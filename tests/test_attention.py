@@ -269,34 +269,6 @@ def test_every_split_writes_every_output(splits: int, block_n: int) -> None:
     assert rel_error(out, expected(q, layer, 0.125)) < TOLERANCE
 
 
-@pytest.mark.parametrize("cost", [1.0, 1.9, 8.0])
-@pytest.mark.parametrize("preset,residual", [("int8", 100), ("int4", 200)])
-def test_window_weighted_splits(preset: str, residual: int, cost: float) -> None:
-    """Splits cut on window tokens weighted by ``cost`` (the last split, which holds the window, gets
-    fewer tokens than the others) still cover every token once, with padded rows too."""
-    from kvpack.triton.attention import KernelConfig, split_plan
-
-    layer = make_layer(*CACHE_PRESETS[preset], batch=2, tokens=700, residual=residual)
-    nq, nw = layer.num_quantized, layer.num_window
-    splits, chunk = split_plan(nq, nw, cost, 4, 2 * 2, 32, torch.device(DEVICE), 1)
-    assert chunk % 32 == 0 and (splits - 1) * chunk < nq + nw <= splits * chunk
-    q = queries(layer, 8, 1)
-    config = KernelConfig(block_n=32, num_warps=1, num_splits=4, window_cost=cost)
-    assert rel_error(decode(q, layer, config=config), expected(q, layer)) < TOLERANCE
-    lengths = torch.tensor([700, 650])
-    ref = reference_decode(q, *layer.dequantized(), q.shape[-1] ** -0.5, end=lengths.to(DEVICE))
-    assert rel_error(decode(q, layer, lengths=lengths.to(DEVICE), config=config), ref) < TOLERANCE
-
-
-def test_window_cost_is_the_byte_ratio() -> None:
-    from kvpack.triton.attention import window_cost
-
-    int8 = window_cost(parse("int8-channel-g64"), parse("int8-token"), 64, 128, 2)
-    int4 = window_cost(parse("int4-channel-g64"), parse("int4-token"), 64, 128, 2)
-    assert 1.8 < int8 < 2.0 and 3.2 < int4 < 3.9
-    assert window_cost(parse("int8-token"), parse("int8-token"), 64, 128, 1) == 1.0  # never below 1
-
-
 def test_strided_queries() -> None:
     # transformers hands over q as a transposed view: [B, Lq, Hq, D] memory seen as [B, Hq, Lq, D].
     layer = make_layer(*CACHE_PRESETS["fp8"], tokens=200)

@@ -125,6 +125,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repeats", type=int, default=10, help="timed repetitions, median kept (default 10)")
     parser.add_argument(
+        "--timing",
+        choices=("graph", "events"),
+        default="graph",
+        help="GPU kernel timing: each method's calls over the input rotation captured as one CUDA graph "
+        "and replayed (default: no host work between kernels, as a server decodes), or launched one by "
+        "one from Python behind a GPU sleep (events)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="batch 8, contexts 4k and 32k, 8 KV heads, int8 and int4, 5 repeats",
@@ -279,7 +287,10 @@ class KernelBench:
     def _time(self, fn: Callable[..., Any], inputs: list[tuple]) -> float:
         fn(*inputs[0])
         harness.synchronize(self.device)
-        samples, _ = harness.time_calls(fn, inputs, self.args.repeats, self.device)
+        if self.device.type == "cuda" and self.args.timing == "graph":
+            samples, _ = harness.time_graph(fn, inputs, self.args.repeats)
+        else:
+            samples, _ = harness.time_calls(fn, inputs, self.args.repeats, self.device)
         return harness.median(samples) * 1e3
 
     def _copies(self, op_bytes: int, need: int) -> int:
@@ -855,7 +866,8 @@ def run(args: argparse.Namespace) -> int:
         "environment": env,
         "settings": {
             k: getattr(args, k)
-            for k in ("batches", "contexts", "kv_heads", "q_heads", "head_dim", "formats", "repeats", "seed")
+            for k in ("batches", "contexts", "kv_heads", "q_heads", "head_dim", "formats", "repeats", "seed",
+                      "timing")
         }
         | {"residual": RESIDUAL},
         "copy_gbps": bench.copy_gbps,

@@ -11,8 +11,6 @@ keeps an online softmax in float32:
 
 with ``s = q k^T * scale * log2(e)``. Each split writes ``acc / l`` and ``lse = m + log2(l)``; a second
 kernel combines the splits, weighting each by ``2^(lse - max lse)``. One split writes the output directly.
-The cut weighs the window's tokens by their bytes (:func:`split_plan`): the last split, which holds the
-window, would otherwise stream the most bytes and finish last.
 
 The codes never become dequantized keys and values. Every int8/int4/int2/fp8 code is exactly a float16,
 so a tile's codes go to the tensor cores as float16 (converted four bytes at a time by a few PTX
@@ -88,14 +86,13 @@ _E5M2 = 3
 class KernelConfig:
     """Launch parameters of the decode kernel: tokens per tile, warps, software-pipeline stages and
     splits (``None``: chosen from the context length and the number of SMs), query rows per program
-    (``block_m``, a power of two; ``None``: every row of a KV head, at least :data:`MIN_BLOCK_M`).
+    (``block_m``, a power of two; ``None``: every row of a KV head, at least :data:`MIN_BLOCK_M`), and a
+    cap on registers per thread (``maxnreg``, for tuning: more programs resident, at the risk of spills).
     ``value_fields``: packed int4/int2 values with per-token or per-channel-row scales accumulate
     ``p v`` one bit field at a time (:func:`_value_fields`) instead of unpacking each tile into channel
     order. Off by default: on an H100 (B=8, 32K, int4) it changes the one-warp default by under 4%
     (0.253 against 0.254 ms with 32-token tiles; 0.245 with 64-token tiles, whose program without it
-    takes 0.348). ``window_cost``: what one full-precision window token costs a program, in quantized
-    tokens, when the context is cut into splits (the last split, which holds the window, gets that many
-    fewer quantized tokens); ``None``: the ratio of their bytes (:func:`window_cost`)."""
+    takes 0.348)."""
 
     block_n: int = 64
     num_warps: int = 2
@@ -103,13 +100,13 @@ class KernelConfig:
     num_splits: int | None = None
     value_fields: bool = False
     block_m: int | None = None
-    window_cost: float | None = None
+    maxnreg: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_m is not None and (self.block_m < 1 or self.block_m & (self.block_m - 1)):
             raise ValueError(f"block_m must be a power of two, got {self.block_m}")
-        if self.window_cost is not None and not self.window_cost >= 1.0:
-            raise ValueError(f"window_cost must be at least 1, got {self.window_cost}")
+        if self.maxnreg is not None and not 24 <= self.maxnreg <= 255:
+            raise ValueError(f"maxnreg must be between 24 and 255 registers, got {self.maxnreg}")
 
 
 @triton.jit
@@ -883,32 +880,6 @@ def _chunked(tokens: int, splits: int, block_n: int) -> tuple[int, int]:
     return math.ceil(max(tokens, 1) / chunk), chunk
 
 
-def window_cost(key_scheme: Scheme, value_scheme: Scheme, group: int, head_dim: int,
-                itemsize: int) -> float:
-    """Bytes of a full-precision window token (keys and values of ``itemsize`` bytes) over the bytes of a
-    quantized one (codes, scales and zero points), at least 1: about 1.9 for int8 and 3.6 for int4 at
-    head dim 128."""
-    shape = (1, group, head_dim)
-    quantized = (key_scheme.nbytes(shape) + value_scheme.nbytes(shape)) / group
-    return max(1.0, 2 * head_dim * itemsize / quantized)
-
-
-def split_plan(num_quantized: int, num_window: int, cost: float, want: int | None, programs: int,
-               block_n: int, device: torch.device, num_warps: int) -> tuple[int, int]:
-    """``(num_splits, chunk)`` for a context of quantized tokens then window tokens: split ``i`` holds
-    tokens ``[i * chunk, (i + 1) * chunk)``. The chunk is cut from ``num_quantized + cost *
-    num_window`` weighted tokens, so that the last split, which holds the window, streams no more bytes
-    than the others (it gets fewer tokens); ``want`` splits (None: :func:`choose_splits`). No split is
-    left empty."""
-    weighted = num_quantized + math.ceil(cost * num_window)
-    if want is None:
-        splits, chunk = choose_splits(weighted, programs, block_n, device, num_warps)
-    else:
-        splits, chunk = _chunked(weighted, want, block_n)
-    tokens = num_quantized + num_window
-    return max(1, min(splits, math.ceil(tokens / chunk))), chunk
-
-
 def _placeholder_store(scheme: Scheme, group: int, head_dim: int,
                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes and scales ``[1, 1, 16, width]`` standing for an empty store: never read, but of the dtypes
@@ -985,9 +956,12 @@ def decode_attention(
     config = config or default_config(d, group, key_scheme, value_scheme, rows)
     block_m = config.block_m or max(MIN_BLOCK_M, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
     row_blocks = triton.cdiv(rows, block_m)
-    cost = config.window_cost or window_cost(key_scheme, value_scheme, group, d, q.element_size())
-    splits, chunk = split_plan(num_quantized, num_window, cost, config.num_splits, bsz * hkv * row_blocks,
-                               config.block_n, q.device, config.num_warps)
+    tokens = num_quantized + num_window
+    if config.num_splits is None:
+        splits, chunk = choose_splits(tokens, bsz * hkv * row_blocks, config.block_n, q.device,
+                                      config.num_warps)
+    else:
+        splits, chunk = _chunked(tokens, config.num_splits, config.block_n)
     if timeline is not None and (triton_interpreted() or timeline.dtype != torch.int64
                                  or timeline.numel() < 3 * bsz * hkv * splits * row_blocks):
         raise ValueError(f"timeline needs a GPU and an int64 tensor of {3 * bsz * hkv * splits * row_blocks} "
@@ -1038,6 +1012,7 @@ def decode_attention(
         INTERPRET=triton_interpreted(),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, TIMELINE=timeline is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
+        **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
     if splits > 1:
         _combine_kernel[(bsz * hq * lq,)](
