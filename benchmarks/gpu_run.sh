@@ -3,7 +3,7 @@
 # Usage: bash benchmarks/gpu_run.sh STAGE...   (stages: env tests cuda triton attention sweep bench
 # bench-g128 bench-large bench-attention e2e profile-e2e overhead eval tune, and pytest:FILE for one test file in
 # 8 workers).
-# Logs and results go to ${OUT:-gpu-out}.
+# Logs and results go to ${OUT:-gpu-out} (results in results-HHMMSS.tgz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -49,4 +49,5 @@ for s in "$@"; do
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
-tar -czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
+# One archive per invocation (several invocations in one device call must not overwrite each other).
+tar -czf "$OUT/results-$(date +%H%M%S).tgz" -C "$OUT" results && rm -rf "$OUT/results"
