@@ -9,8 +9,7 @@ streaming rate (slope) of each. Then a few calls on the GPU clock (``timeline``)
 starts and ends, and when each SM's last program ends; and capped registers per thread (``maxnreg``),
 timed as CUDA graph replays.
 
-    python benchmarks/decode_overhead.py          # writes $OUT/decode_overhead.json
-    python benchmarks/decode_overhead.py --quick  # 8K-32K, no register sweep
+    python benchmarks/decode_overhead.py        # writes $OUT/decode_overhead.json
 """
 
 from __future__ import annotations
@@ -32,7 +31,6 @@ from kvpack.triton import attention as kernel
 B, HQ, H, D = 8, 32, 8, 128
 CONTEXTS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 SMOKE = "--smoke" in sys.argv  # a tiny run on the CPU through Triton's interpreter
-QUICK = "--quick" in sys.argv  # 16K and 32K only, no register sweep, one timeline
 
 
 def _time(fn, inputs) -> float:
@@ -137,8 +135,6 @@ def main() -> None:
     dev = torch.device("cpu" if SMOKE else "cuda")
     if SMOKE:
         CONTEXTS, B = (64, 128, 256, 512), 1
-    if QUICK:
-        CONTEXTS = (8192, 16384, 32768)
     g = torch.Generator(device=dev).manual_seed(1)
     q = torch.randn(B, HQ, 1, D, device=dev, dtype=torch.float16, generator=g)
     rows = []
@@ -153,8 +149,7 @@ def main() -> None:
             one_wave = max(1, slots // (B * H))
             row = {"preset": preset, "context": t, "bytes": bench.layer_bytes(first),
                    "default_splits": splits}
-            for name, cfg in (("default", None), ("combine_kernel", replace(base, fused_combine=False)),
-                              ("one_wave", replace(base, num_splits=one_wave)),
+            for name, cfg in (("default", None), ("one_wave", replace(base, num_splits=one_wave)),
                               ("two_waves", replace(base, num_splits=2 * one_wave)),
                               ("one_split", replace(base, num_splits=1))):
                 ms = _time(lambda layer, c=cfg: decode(q, layer, config=c), [(x,) for x in layers])
@@ -177,15 +172,14 @@ def main() -> None:
         del inputs
         torch.cuda.empty_cache()
     lines, regs = [], []
-    if not SMOKE and not QUICK:
+    if not SMOKE:
         regs = registers(dev)
-        for preset, t, splits in (("int8", 16384, None),) if QUICK else (
-                ("int8", 16384, None), ("int8", 16384, 32), ("int8", 32768, None), ("int4", 16384, None)):
+        for preset, t, splits in (("int8", 16384, None), ("int8", 16384, 32), ("int8", 32768, None),
+                                  ("int4", 16384, None)):
             lines.append(timeline(preset, t, splits, dev))
     fits = {}
     for preset in ("int8", "sdpa-fp16") if SMOKE else ("int8", "int4", "sdpa-fp16"):
-        low = CONTEXTS[max(0, len(CONTEXTS) - 4)]  # the fit over the longest four contexts
-        mine = [r for r in rows if r["preset"] == preset and r["context"] >= low]
+        mine = [r for r in rows if r["preset"] == preset and r["context"] >= CONTEXTS[2]]
         a, b = _fit([r["context"] for r in mine], [r["default_ms"] for r in mine])
         rate = (mine[-1]["bytes"] - mine[0]["bytes"]) / (mine[-1]["context"] - mine[0]["context"]) / (b / 1e3)
         fits[preset] = {"fixed_us": round(a * 1e3, 2), "us_per_1k_tokens": round(b * 1e6, 3),

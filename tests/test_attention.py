@@ -269,26 +269,6 @@ def test_every_split_writes_every_output(splits: int, block_n: int) -> None:
     assert rel_error(out, expected(q, layer, 0.125)) < TOLERANCE
 
 
-@pytest.mark.parametrize("preset", ["int8", "int4"])
-def test_fused_combine_matches_the_combine_kernel(preset: str) -> None:
-    """The last split program of each row block combines the splits (counted in arrival counters that
-    each launch leaves at zero) as the second kernel does; padded rows, several row blocks."""
-    from kvpack.triton import attention as kernel
-    from kvpack.triton.attention import KernelConfig
-
-    layer = make_layer(*CACHE_PRESETS[preset], batch=2, tokens=700, residual=40)
-    q = queries(layer, 16, 2)
-    lengths = torch.tensor([700, 333], device=DEVICE)
-    ref = reference_decode(q, *layer.dequantized(), q.shape[-1] ** -0.5, end=lengths)
-    for splits in (2, 5, 11):
-        fused = KernelConfig(block_n=32, num_warps=1, block_m=4, num_splits=splits)
-        apart = replace(fused, fused_combine=False)
-        a = decode(q, layer, lengths=lengths, config=fused)
-        b = decode(q, layer, lengths=lengths, config=apart)
-        assert rel_error(a, ref) < TOLERANCE and rel_error(a, b) < 1e-3
-        assert all(int(c.abs().sum()) == 0 for c in kernel._ARRIVALS.values())
-
-
 def test_strided_queries() -> None:
     # transformers hands over q as a transposed view: [B, Lq, Hq, D] memory seen as [B, Hq, Lq, D].
     layer = make_layer(*CACHE_PRESETS["fp8"], tokens=200)

@@ -88,8 +88,6 @@ class KernelConfig:
     splits (``None``: chosen from the context length and the number of SMs), query rows per program
     (``block_m``, a power of two; ``None``: every row of a KV head, at least :data:`MIN_BLOCK_M`), and a
     cap on registers per thread (``maxnreg``, for tuning: more programs resident, at the risk of spills).
-    ``fused_combine``: the last split program of each row block combines the splits' partial results
-    (counted in a small buffer of arrival counters), instead of a second kernel.
     ``value_fields``: packed int4/int2 values with per-token or per-channel-row scales accumulate
     ``p v`` one bit field at a time (:func:`_value_fields`) instead of unpacking each tile into channel
     order. Off by default: on an H100 (B=8, 32K, int4) it changes the one-warp default by under 4%
@@ -103,7 +101,6 @@ class KernelConfig:
     value_fields: bool = False
     block_m: int | None = None
     maxnreg: int | None = None
-    fused_combine: bool = True
 
     def __post_init__(self) -> None:
         if self.block_m is not None and (self.block_m < 1 or self.block_m & (self.block_m - 1)):
@@ -628,7 +625,7 @@ def _softmax_step(s, tok, ok, qpos, m_i, l_i):
 def _decode_kernel(
     Q, Out, MidO, MidL,
     KC, KS, KZ, VC, VS, VZ, WK, WV,
-    Start, End, Timeline, Arrived,
+    Start, End, Timeline,
     qk_scale, n_quant, n_window, chunk, num_splits, num_kv_heads, rep, lq,
     stride_qb, stride_qh, stride_qm,
     stride_ob, stride_oh, stride_om,
@@ -646,7 +643,6 @@ def _decode_kernel(
     HAS_START: tl.constexpr, HAS_END: tl.constexpr, SPLIT: tl.constexpr, MASKED: tl.constexpr,
     V_WORDS: tl.constexpr, V_FIELDS: tl.constexpr, V_FW: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TIMELINE: tl.constexpr,
-    FUSED_COMBINE: tl.constexpr, COMBINE_S: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -779,46 +775,6 @@ def _decode_kernel(
             _store_columns(rows_out, acc3 / l_safe, ch + 3, row_ok, D, INTERPRET)
     else:
         _store_columns(rows_out, acc / l_safe, offs_d, row_ok, D, INTERPRET)
-    if SPLIT and FUSED_COMBINE:
-        # The program that finishes its row block last combines the block's splits: every program's
-        # partial rows are stored (barrier) before its arrival is counted (release); the last arrival
-        # (acquire) reads them all, then resets the counter for the next call.
-        tl.debug_barrier()
-        lock = Arrived + pid_bh * tl.num_programs(2) + pid_m
-        if tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            first = ((b * (num_kv_heads * rep) + head) * lq + qi) * num_splits
-            _combine_rows(MidO, MidL, first, row_ok, offs_d, d_ok, num_splits,
-                          Out + b * stride_ob + head[:, None] * stride_oh + qi[:, None] * stride_om,
-                          D, COMBINE_S, INTERPRET)
-            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _combine_rows(MidO, MidL, first, row_ok, offs_d, d_ok, num_splits, rows_out, D: tl.constexpr,
-                  COMBINE_S: tl.constexpr, INTERPRET: tl.constexpr):
-    """:func:`_combine_kernel` for the rows whose splits start at ``first [BLOCK_M]`` (int64), within
-    the decode kernel; partial outputs are read a few splits at a time, past L1."""
-    CHUNK: tl.constexpr = 4
-    offs_s = tl.arange(0, COMBINE_S)
-    lse = tl.load(MidL + first[:, None] + offs_s[None, :],
-                  mask=row_ok[:, None] & (offs_s < num_splits)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")
-    top = tl.max(tl.where(lse > float("-inf"), lse, -1.0e30), 1)
-    total = tl.sum(tl.where(lse > float("-inf"), tl.exp2(lse - top[:, None]), 0.0), 1)
-    acc = tl.zeros([first.shape[0], offs_d.shape[0]], tl.float32)
-    offs_c = tl.arange(0, CHUNK)
-    for s0 in range(0, num_splits, CHUNK):
-        ok = row_ok[:, None] & (s0 + offs_c < num_splits)[None, :]
-        part = first[:, None] + s0 + offs_c[None, :]
-        lse_c = tl.load(MidL + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        seen = lse_c > float("-inf")
-        w = tl.where(seen, tl.exp2(lse_c - top[:, None]), 0.0)
-        o = tl.load(MidO + part[:, :, None] * D + offs_d[None, None, :],
-                    mask=(seen[:, :, None] & d_ok[None, None, :]), other=0.0, cache_modifier=".cg")
-        acc += tl.sum(w[:, :, None] * o, 1)
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(rows_out + offs_d[None, :], _rounded(out, rows_out.dtype.element_ty, INTERPRET),
-             mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["num_splits", "lq"])
@@ -922,25 +878,6 @@ def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device
 def _chunked(tokens: int, splits: int, block_n: int) -> tuple[int, int]:
     chunk = block_n * math.ceil(max(tokens, 1) / (splits * block_n))
     return math.ceil(max(tokens, 1) / chunk), chunk
-
-
-_ARRIVALS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """Zeroed int32 counters, at least ``n``, for the fused combine: one buffer per device and stream
-    (two launches in flight on different streams must not share counters), kept between calls (each
-    launch leaves them zero again). None while a CUDA graph is being captured and the buffer would
-    have to grow: the caller then combines with the second kernel."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    buf = _ARRIVALS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _ARRIVALS[key] = buf
-    return buf
 
 
 def _placeholder_store(scheme: Scheme, group: int, head_dim: int,
@@ -1053,16 +990,13 @@ def decode_attention(
     vfmt = _format_args(value_scheme, group, d, block_d, config.block_n)
     fields = (config.value_fields and vfmt["KIND"] == _PACKED
               and vfmt["SMODE"] in (_SCALE_TILE_ROW, _SCALE_TOKEN))
-    arrived = None
-    if config.fused_combine and splits > 1:
-        arrived = _arrival_counters(q.device, bsz * hkv * row_blocks)
     _decode_kernel[(bsz * hkv, splits, row_blocks)](
         q, out, mid_o, mid_l,
         key_codes, key_scale, key_scale if key_zero is None else key_zero,
         value_codes, value_scale, value_scale if value_zero is None else value_zero,
         window_keys, window_values,
         q if start is None else start, q if end is None else end,  # q: a placeholder, never read
-        q if timeline is None else timeline, q if arrived is None else arrived,
+        q if timeline is None else timeline,
         scale * math.log2(math.e), num_quantized, num_window, chunk, splits, hkv, hq // hkv, lq,
         *q.stride()[:3], *out.stride()[:3],
         *key_codes.stride()[:3], *key_scale.stride()[:3],
@@ -1077,11 +1011,10 @@ def decode_attention(
         V_FW=max(16, block_d // value_scheme.per_byte),
         INTERPRET=triton_interpreted(),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, TIMELINE=timeline is not None,
-        FUSED_COMBINE=arrived is not None, COMBINE_S=max(2, triton.next_power_of_2(splits)),
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
-    if splits > 1 and arrived is None:
+    if splits > 1:
         _combine_kernel[(bsz * hq * lq,)](
             mid_o, mid_l, out, splits, hq, lq, *out.stride()[:3],
             D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
