@@ -857,22 +857,24 @@ def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device
     the least time by the model ``waves * (chunk + WAVE_COST_TOKENS)``, where a wave is the
     :data:`RESIDENT_PER_SM` programs of ``num_warps`` warps per SM that run at once and ``chunk`` the
     tokens of each program. Within a number of waves the most splits are best, so only the largest count
-    of each wave count is tried. No split shorter than :data:`MIN_SPLIT_TOKENS`, at most
-    :data:`MAX_SPLITS`; ``chunk`` is a whole number of tiles."""
+    of each wave count is tried, and the search stops once no count can beat the best (the cost is at
+    least ``programs * (tokens + splits * WAVE_COST_TOKENS) / slots``, which grows with the splits). No
+    split shorter than :data:`MIN_SPLIT_TOKENS`, at most :data:`MAX_SPLITS`; ``chunk`` is a whole number
+    of tiles."""
     slots = RESIDENT_PER_SM.get(num_warps, 1) * _sm_count(device)
     programs = max(programs, 1)
     most = max(1, min(MAX_SPLITS, math.ceil(tokens / MIN_SPLIT_TOKENS)))
     best: tuple[int, int, int] | None = None
-    waves = math.ceil(programs / slots)
+    want = max(1, min(most, slots // programs))
     while True:
-        want = min(most, max(1, waves * slots // programs))
         splits, chunk = _chunked(tokens, want, block_n)
         cost = math.ceil(programs * splits / slots) * (chunk + WAVE_COST_TOKENS)
         if best is None or cost < best[0]:
             best = (cost, splits, chunk)
-        if want == most:
+        if want == most or programs * (tokens + splits * WAVE_COST_TOKENS) >= best[0] * slots:
             return best[1], best[2]
-        waves += 1
+        # The largest count of the next wave count.
+        want = min(most, max(want + 1, math.ceil((want + 1) * programs / slots) * slots // programs))
 
 
 def _chunked(tokens: int, splits: int, block_n: int) -> tuple[int, int]:
