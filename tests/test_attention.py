@@ -215,6 +215,19 @@ def test_block_m_must_be_a_power_of_two() -> None:
 
     with pytest.raises(ValueError, match="power of two"):
         KernelConfig(block_m=6)
+    for regs in (16, 256):
+        with pytest.raises(ValueError, match="maxnreg"):
+            KernelConfig(maxnreg=regs)
+
+
+def test_capped_registers_still_match_reference() -> None:
+    """``maxnreg`` only caps registers (the interpreter ignores it): the result is the same attention."""
+    from kvpack.triton.attention import KernelConfig
+
+    layer = make_layer(*CACHE_PRESETS["int8"], batch=1, tokens=300, residual=20)
+    q = queries(layer, 4, 1)
+    config = KernelConfig(block_n=32, num_warps=1, block_m=4, maxnreg=168)
+    assert rel_error(decode(q, layer, config=config), expected(q, layer)) < TOLERANCE
 
 
 @pytest.mark.parametrize("q_len", [1, 3])
