@@ -230,9 +230,11 @@ def _divide(a, s, SIGNED_ZERO: tl.constexpr):
 
     When ``s`` holds fewer elements than ``a`` (a row or column of scales shared by the tile) the
     quotient comes from the reciprocal ``r = RN(1 / s)``, taken once per scale: ``q = RN(a r)`` is within
-    an ulp of ``a / s``, the remainder ``a - s q`` is exact in one FMA, and ``RN(q + r (a - s q))`` is the
-    correctly rounded quotient (Markstein's correction, as in IA-64's and CUDA's own division). Three
-    multiply-adds an element against the dozen of an IEEE division. Scales below 2^-96 (whose remainders
+    about an ulp of ``a / s``, the remainder ``a - s q`` is exact in one FMA, and ``RN(q + r (a - s q))``
+    is the correctly rounded quotient (Markstein's correction, the last step of IA-64's division;
+    checked bit for bit against ``tl.div_rn`` by ``test_divide_is_the_correctly_rounded_quotient``, 33.5
+    million quotients on an H100, ties and their neighbours included). Three multiply-adds an element
+    against the dozen of an IEEE division. Scales below 2^-96 (whose remainders
     could underflow) or not finite send the whole tile to the division. With SIGNED_ZERO a zero quotient
     takes ``a``'s sign, as the division's does (FP8 codes keep -0; integer codes need not)."""
     if s.numel < a.numel:
