@@ -285,11 +285,11 @@ class KernelBench:
         self.copy_gbps = 2 * n / harness.median(samples) / 1e9
 
     def _time(self, fn: Callable[..., Any], inputs: list[tuple]) -> float:
-        fn(*inputs[0])
-        harness.synchronize(self.device)
         if self.device.type == "cuda" and self.args.timing == "graph":
-            samples, _ = harness.time_graph(fn, inputs, self.args.repeats)
+            samples, _ = harness.time_graph(fn, inputs, self.args.repeats)  # warms up itself
         else:
+            fn(*inputs[0])
+            harness.synchronize(self.device)
             samples, _ = harness.time_calls(fn, inputs, self.args.repeats, self.device)
         return harness.median(samples) * 1e3
 

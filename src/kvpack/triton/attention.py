@@ -752,10 +752,11 @@ def _decode_kernel(
             acc = acc * alpha[:, None] + _mm(pw, v, INTERPRET)
 
     seen = l_i > 0
-    l_safe = tl.where(seen, l_i, 1.0)[:, None]
+    l_seen = tl.where(seen, l_i, 1.0)
+    l_safe = l_seen[:, None]
     if SPLIT:
         r = ((b * (num_kv_heads * rep) + head) * lq + qi) * num_splits + split
-        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        lse = tl.where(seen, m_i + tl.log2(l_seen), float("-inf"))
         tl.store(MidL + r, lse, mask=row_ok)
         rows_out = MidO + r[:, None] * D
     else:
@@ -964,10 +965,10 @@ def decode_attention(
                                       config.num_warps)
     else:
         splits, chunk = _chunked(tokens, config.num_splits, config.block_n)
+    stamps = 3 * bsz * hkv * splits * row_blocks
     if timeline is not None and (triton_interpreted() or timeline.dtype != torch.int64
-                                 or timeline.numel() < 3 * bsz * hkv * splits * row_blocks):
-        raise ValueError(f"timeline needs a GPU and an int64 tensor of {3 * bsz * hkv * splits * row_blocks} "
-                         "or more elements")
+                                 or timeline.numel() < stamps):
+        raise ValueError(f"timeline needs a GPU and an int64 tensor of {stamps} or more elements")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if splits > 1:

@@ -234,9 +234,9 @@ def _divide(a, s, SIGNED_ZERO: tl.constexpr):
     is the correctly rounded quotient (Markstein's correction, the last step of IA-64's division;
     checked bit for bit against ``tl.div_rn`` by ``test_divide_is_the_correctly_rounded_quotient``, 33.5
     million quotients on an H100, ties and their neighbours included). Three multiply-adds an element
-    against the dozen of an IEEE division. Scales below 2^-96 (whose remainders
-    could underflow) or not finite send the whole tile to the division. With SIGNED_ZERO a zero quotient
-    takes ``a``'s sign, as the division's does (FP8 codes keep -0; integer codes need not)."""
+    against the dozen of an IEEE division. Scales below 2^-96 (whose remainders could underflow) or not
+    finite send the whole tile to the division. With SIGNED_ZERO a zero quotient takes ``a``'s sign, as
+    the division's does (FP8 codes keep -0; integer codes need not)."""
     if s.numel < a.numel:
         ok = (s >= 2.0**-96) & (s <= 3.4028234663852886e38)
         if tl.min(ok.to(tl.int32)) == 1:
@@ -836,8 +836,7 @@ def _launch_channel(
         QMAX=scheme.qmax, SYMMETRIC=scheme.symmetric, BLOCK=block, BLOCK_S=block_s,
     )
     if codes is not None:
-        encode_tiles = _tuned("encode", scheme, x.dtype, x.numel()) or _grid_tiles(b * t, d)
-        _launch_encode(x, codes, scale, zero, scheme, encode_tiles)
+        _launch_encode(x, codes, scale, zero, scheme, None)
 
 
 def _even(scheme: Scheme, group: int, channels: int) -> dict:
@@ -867,14 +866,17 @@ def _launch_token(
         ENCODE=codes is not None and not straddle, **_even(scheme, g, d), **tiles.launch, **_meta(scheme),
     )
     if codes is not None and straddle:
-        _launch_encode(x, codes, scale, zero, scheme, _grid_tiles(b * t, d))
+        _launch_encode(x, codes, scale, zero, scheme, None)
 
 
 def _launch_encode(
     x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-    scheme: Scheme, tiles: Tiles,
+    scheme: Scheme, tiles: Tiles | None,
 ) -> None:
+    """Codes of ``x`` from its scales, in ``tiles`` (None: the ``encode`` entry of :data:`TUNED`, else
+    the default grid tiles)."""
     b, t, d = x.shape
+    tiles = tiles or _tuned("encode", scheme, x.dtype, x.numel()) or _grid_tiles(b * t, d)
     g = scheme.group_size(t, d)
     _check_tile_offsets(tiles, d)
     _encode_kernel[(triton.cdiv(b * t, tiles.block_t), triton.cdiv(d, tiles.block_d))](
@@ -952,7 +954,6 @@ def encode(
     b, t, d = x.shape
     _check_scales(scale, zero, scheme, (b, t, d), x.device)
     codes = _empty((b, *scheme.code_shape(t, d)), scheme.code_dtype, x.device)
-    tiles = tiles or _tuned("encode", scheme, x.dtype, x.numel()) or _grid_tiles(b * t, d)
     _launch_encode(x, codes, scale, zero, scheme, tiles)
     return codes
 
