@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs kvpack's GPU tests, checks and benchmarks on a CUDA machine, one stage after another.
 # Usage: bash benchmarks/gpu_run.sh STAGE...   (stages: env tests cuda triton attention sweep bench
-# bench-g128 bench-large bench-attention e2e profile-e2e overhead eval tune, and pytest:FILE for one test file in
+# bench-g128 bench-large bench-attention e2e profile-e2e overhead int4 eval tune, and pytest:FILE for one test file in
 # 8 workers).
 # Logs and results go to ${OUT:-gpu-out} (results in results-HHMMSS.tgz).
 set -uo pipefail
@@ -46,6 +46,7 @@ for s in "$@"; do
     tune) stage tune python3 benchmarks/tune_quant.py ${TUNE_WORDS:-} ;;
     profile-e2e) stage profile-e2e python3 -W ignore benchmarks/profile_e2e.py ;;
     overhead) stage overhead python3 -W ignore benchmarks/decode_overhead.py ;;
+    int4) stage int4 python3 -W ignore benchmarks/decode_int4.py --out "$OUT/results" ${INT4_ARGS:-} ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done

@@ -248,6 +248,20 @@ def layer_bytes(layer: QuantizedLayer) -> int:
     return total
 
 
+def _kernel_choice(q: torch.Tensor, layer: QuantizedLayer, triton: bool) -> tuple[KernelConfig | None, str]:
+    """The config a kvpack row decodes with (None: the default path) and the kernel that runs."""
+    from kvpack.attention import _store
+    from kvpack.cuda.decode import why_not
+    from kvpack.triton.attention import default_config
+
+    rows = q.shape[1] // layer.window_keys.shape[1] * q.shape[2]
+    if triton:
+        config = default_config(q.shape[-1], layer.group, layer.key_scheme, layer.value_scheme, rows)
+        return replace(config, kernel="triton"), "Triton"
+    cuda = why_not(q, layer.key_scheme, layer.value_scheme, layer.group, rows, _store(layer)) is None
+    return None, "CUDA C" if cuda else "Triton"
+
+
 def sdpa_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, packed: bool) -> torch.Tensor:
     """One-token SDPA with grouped-query heads: ``enable_gqa=True``, or each KV head's query heads packed
     as query rows (``q [B, Hq, 1, D]`` viewed as ``[B, H, Hq / H, D]``)."""
@@ -343,6 +357,8 @@ class KernelBench:
         reference: dict[str, torch.Tensor] = {}
         for preset in a.formats:
             self.rows.append(self._kvpack(preset, q, shape, fp16, sdpa_ms, reference))
+            if self.rows[-1].note and "CUDA C" in self.rows[-1].note:
+                self.rows.append(self._kvpack(preset, q, shape, fp16, sdpa_ms, reference, triton=True))
         self.rows.append(self._dequant_sdpa(q, shape, fp16, sdpa_ms, reference))
 
     def _kvpack(
@@ -353,22 +369,31 @@ class KernelBench:
         fp16: int,
         sdpa_ms: float | None,
         reference: dict[str, torch.Tensor],
+        triton: bool = False,
     ) -> Row:
+        """A kvpack row: the default path (the CUDA C kernel where it applies), or with ``triton`` the
+        Triton kernel at its default tiles (``kvpack-<preset>-triton``)."""
         dev = self.device
-        row = Row(f"kvpack-{preset}", "/".join(CACHE_PRESETS[preset]), **shape)
+        name = f"kvpack-{preset}" + ("-triton" if triton else "")
+        row = Row(name, "/".join(CACHE_PRESETS[preset]), **shape)
         estimate = fp16 // {"int8": 2, "fp8": 2, "int4": 3, "int2": 5}[preset] + FILL_CHUNK_BYTES * 3
         if estimate + _MEMORY_MARGIN > _free(dev):
             row.status, row.reason = "skipped", f"needs about {estimate / 1e9:.1f} GB"
             return row
         layers = self._layers(preset, shape)
         first, nbytes = layers[0], layer_bytes(layers[0])
-        row.ms = self._time(lambda layer: decode(q, layer), [(layer,) for layer in layers])
+        config, kernel = _kernel_choice(q, first, triton)
+
+        def step(layer: QuantizedLayer) -> torch.Tensor:
+            return decode(q, layer, config=config)
+
+        row.ms = self._time(step, [(layer,) for layer in layers])
         row.bytes = row.cache_bytes = nbytes
-        row.note = f"{first.num_quantized} quantized + {first.num_window} window tokens"
+        row.note = f"{first.num_quantized} quantized + {first.num_window} window tokens, {kernel} kernel"
         if 2 * fp16 + _MEMORY_MARGIN < _free(dev):
             keys, values = first.dequantized()
             ref = sdpa_decode(q, keys, values, packed=True)
-            row.rel_error = _rel_error(decode(q, first), ref)
+            row.rel_error = _rel_error(step(first), ref)
             if preset == "int8":
                 reference["int8"] = ref
             del keys, values

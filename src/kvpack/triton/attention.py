@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from kvpack.backends import triton_interpreted
+from kvpack.cuda import decode as cuda_decode
 from kvpack.schemes import FP8_DTYPES, Scheme
 
 #: Most splits of one (batch row, KV head); the combine kernel holds them all in one tile.
@@ -64,6 +65,8 @@ WAVE_COST_TOKENS = 64
 #: programs of 32 threads), 248 at 2 warps and 16 rows (4 programs of 64 threads), 178 at 4 warps and
 #: 128 at 8 (2 programs).
 RESIDENT_PER_SM = {1: 8, 2: 4, 4: 2, 8: 2, 16: 1, 32: 1}
+#: What ``KernelConfig.kernel`` may name.
+KERNELS = ("auto", "triton", "cuda")
 #: Most query rows (GQA heads x new tokens) one program holds; more rows use several row blocks.
 MAX_BLOCK_M = 64
 #: Fewest query rows a program holds by default (the tensor-core tile pads fewer rows itself).
@@ -88,6 +91,10 @@ class KernelConfig:
     splits (``None``: chosen from the context length and the number of SMs), query rows per program
     (``block_m``, a power of two; ``None``: every row of a KV head, at least :data:`MIN_BLOCK_M`), and a
     cap on registers per thread (``maxnreg``, for tuning: more programs resident, at the risk of spills).
+    ``kernel``: ``"triton"`` (a config's default: its fields are this kernel's) always runs this kernel;
+    ``"auto"`` (:func:`default_config`'s) runs the CUDA C kernel of :mod:`kvpack.cuda.decode` where it
+    applies (the ``int4`` cache preset on a GPU, which has its own tiles; only ``num_splits`` carries
+    over) and this one elsewhere; ``"cuda"`` the CUDA kernel, or an error saying why it cannot.
     ``value_fields``: packed int4/int2 values with per-token or per-channel-row scales accumulate
     ``p v`` one bit field at a time (:func:`_value_fields`) instead of unpacking each tile into channel
     order. Off by default: on an H100 (B=8, 32K, int4) it changes the one-warp default by under 4%
@@ -101,8 +108,11 @@ class KernelConfig:
     value_fields: bool = False
     block_m: int | None = None
     maxnreg: int | None = None
+    kernel: str = "triton"
 
     def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.block_m is not None and (self.block_m < 1 or self.block_m & (self.block_m - 1)):
             raise ValueError(f"block_m must be a power of two, got {self.block_m}")
         if self.maxnreg is not None and not 24 <= self.maxnreg <= 255:
@@ -836,7 +846,7 @@ def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: 
     against 0.254 with 16-row, 2-warp, 64-token programs; int4 0.249 against 0.388; the 4-row 2-warp
     program 0.235 / 0.303). More rows: 2 warps, 64-token tiles. Head dims over 128: 8 warps, whose
     tiles fewer warps cannot hold in registers. Tiles divide the group of per-channel scales where they
-    can (each tile reads one scale row)."""
+    can (each tile reads one scale row). ``kernel="auto"``: the CUDA kernel where it applies."""
     per_channel = key_scheme.axis == "channel" or value_scheme.axis == "channel"
     if head_dim > 128:
         block_n, num_warps, block_m = 64, 8, None
@@ -849,11 +859,11 @@ def default_config(head_dim: int, group: int, key_scheme: Scheme, value_scheme: 
     smallest = 16 if min(key_scheme.bits, value_scheme.bits) == 8 else 32
     if per_channel and group % block_n:
         block_n = next((n for n in (32, 16) if smallest <= n < block_n and group % n == 0), block_n)
-    return KernelConfig(block_n=block_n, num_warps=num_warps, block_m=block_m)
+    return KernelConfig(block_n=block_n, num_warps=num_warps, block_m=block_m, kernel="auto")
 
 
 def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device,
-                  num_warps: int) -> tuple[int, int]:
+                  num_warps: int, per_sm: int | None = None) -> tuple[int, int]:
     """``(num_splits, chunk)`` for ``programs`` programs per split: the split count whose programs take
     the least time by the model ``waves * (chunk + WAVE_COST_TOKENS)``, where a wave is the
     :data:`RESIDENT_PER_SM` programs of ``num_warps`` warps per SM that run at once and ``chunk`` the
@@ -861,8 +871,8 @@ def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device
     of each wave count is tried, and the search stops once no count can beat the best (the cost is at
     least ``programs * (tokens + splits * WAVE_COST_TOKENS) / slots``, which grows with the splits). No
     split shorter than :data:`MIN_SPLIT_TOKENS`, at most :data:`MAX_SPLITS`; ``chunk`` is a whole number
-    of tiles."""
-    slots = RESIDENT_PER_SM.get(num_warps, 1) * _sm_count(device)
+    of tiles. ``per_sm``: programs one SM holds, if not :data:`RESIDENT_PER_SM`'s for ``num_warps``."""
+    slots = (per_sm or RESIDENT_PER_SM.get(num_warps, 1)) * _sm_count(device)
     programs = max(programs, 1)
     most = max(1, min(MAX_SPLITS, math.ceil(tokens / MIN_SPLIT_TOKENS)))
     best: tuple[int, int, int] | None = None
@@ -957,14 +967,18 @@ def decode_attention(
     block_d = max(16, triton.next_power_of_2(d))
     rows = hq // hkv * lq
     config = config or default_config(d, group, key_scheme, value_scheme, rows)
+    store = (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
+    cuda = _use_cuda(config, q, key_scheme, value_scheme, group, rows, store, timeline)
     block_m = config.block_m or max(MIN_BLOCK_M, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
-    row_blocks = triton.cdiv(rows, block_m)
+    row_blocks = 1 if cuda else triton.cdiv(rows, block_m)
     tokens = num_quantized + num_window
+    block_n = cuda_decode.TILE if cuda else config.block_n
     if config.num_splits is None:
-        splits, chunk = choose_splits(tokens, bsz * hkv * row_blocks, config.block_n, q.device,
-                                      config.num_warps)
+        per_sm = cuda_decode.resident_per_sm(d, q.dtype, q.device.index or 0) if cuda else None
+        splits, chunk = choose_splits(tokens, bsz * hkv * row_blocks, block_n, q.device, config.num_warps,
+                                      per_sm)
     else:
-        splits, chunk = _chunked(tokens, config.num_splits, config.block_n)
+        splits, chunk = _chunked(tokens, config.num_splits, block_n)
     stamps = 3 * bsz * hkv * splits * row_blocks
     if timeline is not None and (triton_interpreted() or timeline.dtype != torch.int64
                                  or timeline.numel() < stamps):
@@ -976,6 +990,48 @@ def decode_attention(
         mid_l = torch.empty(bsz, hq, lq, splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_l = out
+    if cuda:
+        _check_layout(q, *store, window_keys, window_values)
+        cuda_decode.launch(q, out, mid_o, mid_l, store, window_keys, window_values, start, end,
+                           scale * math.log2(math.e), num_quantized, num_window, chunk, splits, group)
+    else:
+        _launch_triton(q, out, mid_o, mid_l, store, window_keys, window_values, num_quantized, num_window,
+                       key_scheme, value_scheme, group, scale, start, end, config, timeline, splits, chunk,
+                       row_blocks, block_m, block_d)
+    if splits > 1:
+        _combine_kernel[(bsz * hq * lq,)](
+            mid_o, mid_l, out, splits, hq, lq, *out.stride()[:3],
+            D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            INTERPRET=triton_interpreted(), num_warps=4 if block_d <= 128 else 8,
+        )
+    return out
+
+
+def _use_cuda(config: KernelConfig, q: torch.Tensor, key_scheme: Scheme, value_scheme: Scheme, group: int,
+              rows: int, store: tuple[torch.Tensor | None, ...], timeline: torch.Tensor | None) -> bool:
+    """Whether the CUDA C kernel (:mod:`kvpack.cuda.decode`) takes this call, per ``config.kernel``."""
+    if config.kernel == "triton":
+        return False
+    if timeline is not None:
+        reason = "the timeline records the Triton kernel's programs"
+    elif triton_interpreted():
+        reason = "Triton's interpreter is on (TRITON_INTERPRET=1)"
+    else:
+        reason = cuda_decode.why_not(q, key_scheme, value_scheme, group, rows, store)
+    if reason is not None and config.kernel == "cuda":
+        raise ValueError(f"the CUDA decode kernel cannot take this call: {reason}")
+    return reason is None
+
+
+def _launch_triton(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch.Tensor,
+                   store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor,
+                   window_values: torch.Tensor, num_quantized: int, num_window: int, key_scheme: Scheme,
+                   value_scheme: Scheme, group: int, scale: float, start: torch.Tensor | None,
+                   end: torch.Tensor | None, config: KernelConfig, timeline: torch.Tensor | None, splits: int,
+                   chunk: int, row_blocks: int, block_m: int, block_d: int) -> None:
+    bsz, hq, lq, d = q.shape
+    hkv = window_keys.shape[1]
+    key_codes, key_scale, key_zero, value_codes, value_scale, value_zero = store
     if key_codes is None or value_codes is None:
         # An empty store (nothing flushed yet) is never read, but its pointers' element types still pick
         # the code paths that are compiled (an fp16 placeholder for int8 codes is no valid kernel).
@@ -1017,10 +1073,3 @@ def decode_attention(
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
-    if splits > 1:
-        _combine_kernel[(bsz * hq * lq,)](
-            mid_o, mid_l, out, splits, hq, lq, *out.stride()[:3],
-            D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-            INTERPRET=triton_interpreted(), num_warps=4 if block_d <= 128 else 8,
-        )
-    return out

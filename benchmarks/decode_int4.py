@@ -1,0 +1,109 @@
+"""The int4 decode kernels on a GPU: the CUDA C kernel (and builds of it capped to more resident
+programs per SM) against the Triton kernel and float16 SDPA.
+
+Batch 8, 32 query / 8 KV heads, head dim 128, contexts 4K to 128K; each call timed as CUDA graph
+replays over inputs rotated past L2 (as ``kvpack bench-attention``). Prints ms, GB/s on the bytes the
+int4 layer holds, the fraction of the measured copy bandwidth, and the speedup over SDPA; with
+``--profile``, one call's kernels under the profiler (decode kernel and combine kernel apart).
+
+    python benchmarks/decode_int4.py [--min-blocks 1,10,12] [--contexts 16384,32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from kvpack.attention import decode
+from kvpack.bench import attention as bench
+from kvpack.bench import harness
+from kvpack.cuda import decode as cuda_decode
+from kvpack.triton.attention import default_config
+
+B, HQ, H, D = 8, 32, 8, 128
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _build(min_blocks: int) -> None:
+    """Make the CUDA kernel loader compile with ``__launch_bounds__(32, min_blocks)``."""
+    import cupy
+
+    def kernel(name: str, device_index: int):  # noqa: ANN202
+        with cupy.cuda.Device(device_index):
+            return cupy.RawModule(code=cuda_decode.SOURCE.read_text(),
+                                  options=("-std=c++17", f"-DKVPACK_DECODE_MIN_BLOCKS={min_blocks}"),
+                                  ).get_function(name)
+
+    cuda_decode._kernel = kernel
+    cuda_decode.resident_per_sm.cache_clear()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--contexts", type=_ints, default=[4096, 16384, 32768, 131072])
+    p.add_argument("--min-blocks", type=_ints, default=[1, 10, 12])
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = p.parse_args()
+    dev = torch.device("cuda")
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    samples, _ = harness.time_calls(dst.copy_, [(src,)], 20, dev)
+    copy = 2 * n / harness.median(samples) / 1e9
+    del src, dst
+    print(f"copy {copy:.0f} GB/s")
+
+    def ms(fn, inputs) -> float:  # noqa: ANN001
+        samples, _ = harness.time_graph(fn, inputs, args.repeats)
+        return harness.median(samples) * 1e3 / len(inputs)
+
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(1)
+    q = torch.randn(B, HQ, 1, D, generator=g, device=dev, dtype=torch.float16)
+    for ctx in args.contexts:
+        fp16 = 2 * B * H * ctx * D * 2
+        copies = max(1, harness.rotation(fp16, dev))
+        kv = [(torch.randn(B, H, ctx, D, generator=g, device=dev, dtype=torch.float16),
+               torch.randn(B, H, ctx, D, generator=g, device=dev, dtype=torch.float16)) for _ in range(copies)]
+        sdpa = ms(lambda k, v: bench.sdpa_decode(q, k, v, True), kv)
+        del kv
+        torch.cuda.empty_cache()
+        first = bench.filled_layer("int4", B, H, ctx, D, dev)
+        nbytes = bench.layer_bytes(first)
+        layers = [first] + [bench.filled_layer("int4", B, H, ctx, D, dev, seed=i)
+                            for i in range(1, max(1, harness.rotation(nbytes, dev)))]
+        base = default_config(D, first.group, first.key_scheme, first.value_scheme, HQ // H)
+        keys, values = first.dequantized()
+        ref = bench.sdpa_decode(q, keys, values, True)
+        del keys, values
+        variants = [("triton", replace(base, kernel="triton"), None)]
+        variants += [(f"cuda-minblocks{m}", base, m) for m in args.min_blocks]
+        for name, config, min_blocks in variants:
+            if min_blocks is not None:
+                _build(min_blocks)
+            t = ms(lambda layer, c=config: decode(q, layer, config=c), [(layer,) for layer in layers])
+            err = bench._rel_error(decode(q, first, config=config), ref)
+            per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if min_blocks else None
+            row = dict(context=ctx, method=name, ms=t, sdpa_ms=sdpa, speedup=sdpa / t, bytes=nbytes,
+                       gbps=nbytes / t / 1e6, of_copy=nbytes / t / 1e6 / copy, rel_error=err, per_sm=per_sm)
+            rows.append(row)
+            print(f"{ctx:>7} {name:<16} {t:.4f} ms  SDPA {sdpa:.4f}  x{sdpa / t:.2f}  "
+                  f"{row['gbps']:.0f} GB/s ({row['of_copy']:.0%})  err {err:.1e}  per_sm {per_sm}", flush=True)
+        del layers, first
+        torch.cuda.empty_cache()
+    out = Path(args.out) / "decode_int4.json"
+    out.write_text(json.dumps(dict(harness.environment(dev), copy_gbps=copy, rows=rows), indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

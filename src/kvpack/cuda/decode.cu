@@ -1,0 +1,615 @@
+// Decode attention over an int4 cache (KIVI layout), reading the packed codes straight into
+// tensor-core fragments: the int4 path of kvpack.attention.decode on sm_80 and later.
+//
+// Layout served (kvpack.cache.QuantizedLayer with "int4-channel-gG" keys, G a multiple of 64, and
+// "int4-token" values): per (batch row, KV head) the store holds codes [T, D/2] bytes (channel 2j in
+// the low nibble of byte j), key scale and zero rows [T/G, D] (float16, k = c s + z), value scale and
+// zero [T] (float16, v = c s_t + z_t); the window holds full-precision keys and values [W, D] in
+// the query dtype (float16 or bfloat16). Query rows: the GQA heads of one KV head times the new
+// tokens, at most 8. Head dim 64 or 128.
+//
+// One warp is one program: a (batch row, KV head) and a chunk of the context (flash-decoding
+// split), walked in tiles of 64 tokens. Both products are computed transposed, so that the eight
+// query rows are the mma's N side and the codes its A operand, loaded as they lie in memory:
+//
+//   scores^T [16 tokens x 8 rows] = K [16 x D] . (q s / max s)^T      (mma m16n8k16, float16)
+//   out^T    [16 channels x 8 rows] += V^T [16 x 16 tokens] . p'^T     (p' = p s_t / R, float16)
+//
+// with the key scales folded into the query once per key group (k = c s + z gives q.k = (q s).c
+// + q.z) and the value scales into the softmax weights (sum p v = sum (p s_t) c + sum p z_t). The
+// A fragments' token and channel slots may be any permutation, provided the other operand follows
+// it; so each lane reads contiguous bytes:
+//   - keys: lane (g, t) reads the 16 bytes at 16t (D = 128; 8 bytes at 8t for D = 64) of tokens
+//     8g .. 8g+7 of the tile; mma block j (0..3) takes tokens 8g+2j (fragment row g) and 8g+2j+1
+//     (row g+8). A word w (8 nibbles) gives four float16 pairs (nibbles n, n+4), n = 0..3: k-step s
+//     uses pairs 2(s&1) and 2(s&1)+1 of word s>>1 for its k slots (2t,2t+1) and (2t+8,2t+9);
+//   - values: a score fragment becomes the B operand of the value product by one movmatrix.trans
+//     per 8x8 half, so value slot k of block j is token 8k+2j (k < 8) or 8(k-8)+2j+1; lane (g, t)
+//     reads the 8 bytes at 8g (4 at 4g for D = 64) of tokens 16t .. 16t+15 and pairs the same
+//     channel of two tokens with one byte permute.
+// The codes become float16 four nibbles per 2 instructions: (x & 0x000F000F) | 0x64006400 reads
+// as (1024 + c0, 1024 + c1), less 1024 (one f16x2 subtract), or for the high nibbles 16c + 1024,
+// times 1/16 less 64 (one f16x2 fma); every int4 code is exact in float16.
+//
+// Numerics: float32 online softmax in base 2; the folded operands in float16 with the query
+// normalized by its row max |q| and the key scales by their row max (both at most 1, as in the
+// Triton kernel); the value scales by R, the largest value scale seen so far (R only grows; when
+// it does, the accumulator is rescaled with the softmax's alpha). The window's products run in the
+// query dtype. Output: one split writes out (query dtype) directly, several write float32 partial
+// outputs and lse = m + log2(l) for the combine kernel (kvpack.triton.attention).
+//
+// Offsets of a (batch row, head) slice are 64-bit; inside one slice 32-bit (the launcher checks).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define TILE 64
+#ifndef KVPACK_DECODE_MIN_BLOCKS  // one-warp programs per SM the register allocation must allow
+#define KVPACK_DECODE_MIN_BLOCKS 1
+#endif
+#define NEG_INF __int_as_float(0xff800000u)
+#define MAX_ROWS 8
+
+__device__ __forceinline__ u32 lop3_and_or(u32 a, u32 mask, u32 bits) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(a), "r"(mask), "r"(bits));
+    return d;
+}
+
+// Bits 0-3 and 16-19 of x under the float16 exponent of 1024: the pair (1024 + c0, 1024 + c1).
+__device__ __forceinline__ u32 low_nibbles(u32 x) { return lop3_and_or(x, 0x000F000Fu, 0x64006400u); }
+
+// Bits 4-7 and 20-23 of x likewise: (1024 + 16 c0, 1024 + 16 c1).
+__device__ __forceinline__ u32 high_nibbles(u32 x) { return lop3_and_or(x, 0x00F000F0u, 0x64006400u); }
+
+#define BIASED 0x64006400u        // a pair of float16 1024s: the codes' offset, as an mma operand
+#define MINUS_BIASED 0xE400E400u  // and -1024s
+
+__device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
+    u32 d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+__device__ __forceinline__ u32 pack_f16(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 d;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+    return d;
+}
+
+__device__ __forceinline__ float half_to_float(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float bf16_to_float(u16 h) { return __uint_as_float((u32)h << 16); }
+
+__device__ __forceinline__ u16 float_to_half(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ u16 float_to_bf16(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float exp2_approx(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ u32 transpose8x8(u32 x) {
+    u32 y;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+    return y;
+}
+
+// d += a . b, m16n8k16, float32 accumulators; BF16 picks the operand type.
+template <bool BF16>
+__device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+    if (BF16) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+}
+
+__device__ __forceinline__ float warp_max_g(float x) {  // over the 8 lanes of one t (lane bits 2-4)
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 16));
+}
+
+__device__ __forceinline__ float warp_sum_g(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 4);
+    x += __shfl_xor_sync(0xffffffffu, x, 8);
+    return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+
+template <int N>
+struct Bytes;  // N bytes of one token row, loaded at once
+template <>
+struct Bytes<16> {
+    typedef uint4 type;
+    static __device__ __forceinline__ u32 word(const uint4& v, int i) {
+        return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+    }
+};
+template <>
+struct Bytes<8> {
+    typedef uint2 type;
+    static __device__ __forceinline__ u32 word(const uint2& v, int i) { return i == 0 ? v.x : v.y; }
+};
+template <>
+struct Bytes<4> {
+    typedef u32 type;
+    static __device__ __forceinline__ u32 word(const u32& v, int) { return v; }
+};
+
+template <int D, bool BF16>
+__device__ __forceinline__ void decode_int4(
+    const u16* __restrict__ Q, u16* __restrict__ Out, float* __restrict__ MidO, float* __restrict__ MidL,
+    const unsigned char* __restrict__ KC, const u16* __restrict__ KS, const u16* __restrict__ KZ,
+    const unsigned char* __restrict__ VC, const u16* __restrict__ VS, const u16* __restrict__ VZ,
+    const u16* __restrict__ WK, const u16* __restrict__ WV, const int* __restrict__ Start,
+    const int* __restrict__ End, float qk_scale, int n_quant, int n_window, int chunk, int num_splits,
+    int num_kv_heads, int rep, int lq, int group, i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som,
+    i64 skcb, i64 skch, i64 sksb, i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh,
+    i64 swkt, i64 swvb, i64 swvh, i64 swvt) {
+    constexpr int NB = D / 2;        // bytes per token row
+    constexpr int KB = D / 8;        // key bytes per lane per token
+    constexpr int KW = KB / 4;       // key words per lane per token
+    constexpr int KSTEPS = D / 16;   // k-steps of the key product
+    constexpr int CPT = D / 4;       // key channels per lane (t)
+    constexpr int VB = D / 16;       // value bytes per lane per token
+    constexpr int VW = VB / 4 > 0 ? VB / 4 : 1;  // value words per lane per token
+    constexpr int MT = D / 16;       // m-tiles of the value product (16 channels each)
+    constexpr int RS = D + 16;       // shared row stride of the normalized query (bank-conflict free)
+    typedef typename Bytes<KB>::type KRow;
+    typedef typename Bytes<VB>::type VRow;
+
+    __shared__ float qn_s[MAX_ROWS * RS];
+    __shared__ float qmax_s[MAX_ROWS];
+
+    const int lane = threadIdx.x;
+    const int g = lane >> 2, t = lane & 3;
+    const int bh = blockIdx.x, split = blockIdx.y;
+    const i64 b = bh / num_kv_heads, h = bh % num_kv_heads;
+    const int rows = rep * lq;
+
+    int end = n_quant + n_window;
+    if (End != nullptr) end = min(End[b], end);
+    const int begin = Start != nullptr ? Start[b] : 0;
+
+    // The query rows, normalized by their max |q|, into shared memory: element (n, c) with
+    // c = CPT t + i at n RS + (i / 4) 16 + 4 t + i % 4, so that lane (g, t) reads its channels as
+    // float4s without bank conflicts.
+    for (int n = 0; n < MAX_ROWS; ++n) {
+        float x[D / 32];
+        float mx = 0.0f;
+        const u16* qrow = Q + b * sqb + (h * rep + n / lq) * sqh + (i64)(n % lq) * sqm;
+#pragma unroll
+        for (int i = 0; i < D / 32; ++i) {
+            const u16 raw = n < rows ? qrow[lane + 32 * i] : (u16)0;
+            x[i] = BF16 ? bf16_to_float(raw) : half_to_float(raw);
+            mx = fmaxf(mx, fabsf(x[i]));
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = warp_max_g(mx);
+        mx = mx > 0.0f ? mx : 1.0f;
+#pragma unroll
+        for (int i = 0; i < D / 32; ++i) {
+            const int c = lane + 32 * i, tt = c / CPT, ii = c % CPT;
+            qn_s[n * RS + (ii / 4) * 16 + 4 * tt + ii % 4] = __fdiv_rn(x[i], mx);
+        }
+        if (lane == 0) qmax_s[n] = mx;
+    }
+    __syncwarp();
+
+    // Rows 2t and 2t+1 are this lane's columns of every score and output fragment.
+    const int r0 = 2 * t, r1 = 2 * t + 1;
+    const float qmax0 = qmax_s[r0], qmax1 = qmax_s[r1];
+    const int qpos0 = r0 < rows ? end - lq + r0 % lq : -1;
+    const int qpos1 = r1 < rows ? end - lq + r1 % lq : -1;
+
+    float m0 = -1.0e30f, m1 = -1.0e30f;  // running max (base 2) of rows r0, r1
+    float l0 = 0.0f, l1 = 0.0f;          // this lane's share of the softmax sums
+    float z0 = 0.0f, z1 = 0.0f;          // this lane's share of sum p z_t
+    float R = 0.0f;                      // the accumulator's unit: acc = sum p v / R
+    float acc[MT][4];  // out^T fragments; m-tiles 4w+1 and 4w+3 hold 16 c (high nibbles)
+    float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // the codes' offset: sum 1024 p', as acc holds it
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
+    // acc in true units: less the offset, high nibbles divided by 16, times R.
+    auto settle = [&]() {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const float f = (mt & 1) ? 0.0625f * R : R;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[mt][k] = (acc[mt][k] - bias[k]) * f;
+        }
+        bias[0] = bias[1] = bias[2] = bias[3] = 0.0f;
+        R = 1.0f;
+    };
+
+    int lo = split * chunk;
+    const int hi = min(lo + chunk, end);
+    lo = max(lo, begin / TILE * TILE);
+    const int q_hi = min(hi, n_quant);
+
+    const unsigned char* kc = KC + b * skcb + h * skch;
+    const unsigned char* vc = VC + b * svcb + h * svch;
+    const u16* ks = KS + b * sksb + h * sksh;
+    const u16* kz = KZ + b * sksb + h * sksh;
+    const u16* vs = VS + b * svsb + h * svsh;
+    const u16* vz = VZ + b * svsb + h * svsh;
+
+    // The query as float16 B fragments, pairs in the key slots' channel order (see the header):
+    // qn[st][0] = channels (base, base + 4), qn[st][1] = (base + 1, base + 5), base = 8 (st >> 1) + 2 (st & 1).
+    u32 qn[KSTEPS][2];
+#pragma unroll
+    for (int i = 0; i < CPT; i += 8) {
+        const float4 u = *reinterpret_cast<const float4*>(&qn_s[g * RS + (i / 4) * 16 + 4 * t]);
+        const float4 v = *reinterpret_cast<const float4*>(&qn_s[g * RS + (i / 4 + 1) * 16 + 4 * t]);
+        qn[i / 4][0] = pack_f16(u.x, v.x);
+        qn[i / 4][1] = pack_f16(u.y, v.y);
+        qn[i / 4 + 1][0] = pack_f16(u.z, v.z);
+        qn[i / 4 + 1][1] = pack_f16(u.w, v.w);
+    }
+    const float a0 = qmax0 * qk_scale, a1 = qmax1 * qk_scale;  // score = mma a + c, rows r0, r1
+    u32 qs[KSTEPS][2];  // qn times this key group's scales
+    float c0 = 0.0f, c1 = 0.0f;
+    int krow = -1;
+
+    for (int t0 = lo; t0 < q_hi; t0 += TILE) {
+        KRow kw[8];
+        VRow vw[16];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            kw[u] = *reinterpret_cast<const KRow*>(kc + (t0 + 8 * g + u) * NB + KB * t);
+#pragma unroll
+        for (int u = 0; u < 16; ++u)
+            vw[u] = *reinterpret_cast<const VRow*>(vc + (t0 + 16 * t + u) * NB + VB * g);
+        const uint4 vsw = *reinterpret_cast<const uint4*>(vs + t0 + 8 * g);
+        const uint4 vzw = *reinterpret_cast<const uint4*>(vz + t0 + 8 * g);
+
+        if (t0 / group != krow) {  // a new key group: fold its scales into the query
+            krow = t0 / group;
+            const u16* sr = ks + (i64)krow * D + CPT * t;
+            const u16* zr = kz + (i64)krow * D + CPT * t;
+            // c: q.z less the codes' offset, sum over the slots of 1024 (q s)_slot, both from the
+            // tensor cores (z and the offset as A operands, rows alike).
+            float kb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int i = 0; i < CPT; i += 8) {
+                const uint4 sv = *reinterpret_cast<const uint4*>(sr + i);
+                const uint4 zv = *reinterpret_cast<const uint4*>(zr + i);
+#pragma unroll
+                for (int o = 0; o < 2; ++o) {  // k-step i / 4 + o: channel pairs from words o and o + 2
+                    const int st = i / 4 + o;
+                    const u32 s_lo = o ? sv.y : sv.x, s_hi = o ? sv.w : sv.z;
+                    const u32 z_lo = o ? zv.y : zv.x, z_hi = o ? zv.w : zv.z;
+                    qs[st][0] = hmul2(qn[st][0], __byte_perm(s_lo, s_hi, 0x5410));
+                    // The second pair meets high nibbles, 16 c + 1024: a sixteenth of the query.
+                    qs[st][1] = hmul2(hmul2(qn[st][1], __byte_perm(s_lo, s_hi, 0x7632)), 0x2C002C00u);
+                    const u32 zp0 = __byte_perm(z_lo, z_hi, 0x5410), zp1 = __byte_perm(z_lo, z_hi, 0x7632);
+                    const u32 za[4] = {zp0, zp0, zp1, zp1};
+                    mma<false>(kb, za, qn[st][0], qn[st][1]);
+                    const u32 offset[4] = {MINUS_BIASED, MINUS_BIASED, MINUS_BIASED, MINUS_BIASED};
+                    mma<false>(kb, offset, qs[st][0], qs[st][1]);
+                }
+            }
+            c0 = kb[0] * a0;
+            c1 = kb[1] * a1;
+        }
+
+        // Scores: block j, fragment rows g (token 8g+2j) and g+8 (token 8g+2j+1), columns r0, r1.
+        float sc[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+            for (int w = 0; w < KW; ++w) {
+                const u32 x0 = Bytes<KB>::word(kw[2 * j], w), x1 = Bytes<KB>::word(kw[2 * j + 1], w);
+                const u32 y0 = x0 >> 8, y1 = x1 >> 8;
+                const u32 f0[4] = {low_nibbles(x0), low_nibbles(x1), high_nibbles(x0), high_nibbles(x1)};
+                mma<false>(sc[j], f0, qs[2 * w][0], qs[2 * w][1]);
+                const u32 f1[4] = {low_nibbles(y0), low_nibbles(y1), high_nibbles(y0), high_nibbles(y1)};
+                mma<false>(sc[j], f1, qs[2 * w + 1][0], qs[2 * w + 1][1]);
+            }
+            sc[j][0] = fmaf(sc[j][0], a0, c0);
+            sc[j][1] = fmaf(sc[j][1], a1, c1);
+            sc[j][2] = fmaf(sc[j][2], a0, c0);
+            sc[j][3] = fmaf(sc[j][3], a1, c1);
+        }
+        const bool full = t0 >= begin && t0 + TILE - 1 <= end - lq;
+        if (!full) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int tok = t0 + 8 * g + 2 * j + e;
+                    const bool ok = tok >= begin && tok < end;
+                    if (!(ok && tok <= qpos0)) sc[j][2 * e] = NEG_INF;
+                    if (!(ok && tok <= qpos1)) sc[j][2 * e + 1] = NEG_INF;
+                }
+            }
+        }
+
+        // Online softmax, rows r0 and r1.
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][2]));
+            mx1 = fmaxf(mx1, fmaxf(sc[j][1], sc[j][3]));
+        }
+        mx0 = warp_max_g(mx0);
+        mx1 = warp_max_g(mx1);
+        const float alpha0 = exp2_approx(m0 - mx0), alpha1 = exp2_approx(m1 - mx1);
+        m0 = mx0;
+        m1 = mx1;
+
+        // Value scales of this lane's tokens 8g .. 8g+7 (the score rows), and the tile's largest.
+        const u32 sw[4] = {vsw.x, vsw.y, vsw.z, vsw.w}, zw[4] = {vzw.x, vzw.y, vzw.z, vzw.w};
+        float vsc[8], vzp[8];
+        float top = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            vsc[2 * k] = half_to_float((u16)(sw[k] & 0xFFFF));
+            vsc[2 * k + 1] = half_to_float((u16)(sw[k] >> 16));
+            vzp[2 * k] = half_to_float((u16)(zw[k] & 0xFFFF));
+            vzp[2 * k + 1] = half_to_float((u16)(zw[k] >> 16));
+            top = fmaxf(top, fmaxf(vsc[2 * k], vsc[2 * k + 1]));
+        }
+        top = warp_max_g(top);
+        float grow = 1.0f;
+        if (top > R) {
+            grow = R / top;
+            R = top;
+        }
+        const float inv_r = R > 0.0f ? 1.0f / R : 0.0f;  // all scales so far 0: so are the weights
+        const float f0 = alpha0 * grow, f1 = alpha1 * grow;
+        if (__any_sync(0xffffffffu, f0 != 1.0f || f1 != 1.0f)) {
+            bias[0] *= f0;
+            bias[2] *= f0;
+            bias[1] *= f1;
+            bias[3] *= f1;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                acc[mt][0] *= f0;
+                acc[mt][2] *= f0;
+                acc[mt][1] *= f1;
+                acc[mt][3] *= f1;
+            }
+        }
+        l0 *= alpha0;
+        l1 *= alpha1;
+        z0 *= alpha0;
+        z1 *= alpha1;
+
+        // Weights, into B fragments of the value product (movmatrix: score rows become columns).
+        u32 pb[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float p00 = exp2_approx(sc[j][0] - m0), p01 = exp2_approx(sc[j][1] - m1);
+            const float p10 = exp2_approx(sc[j][2] - m0), p11 = exp2_approx(sc[j][3] - m1);
+            l0 += p00 + p10;
+            l1 += p01 + p11;
+            const float s0 = vsc[2 * j], s1 = vsc[2 * j + 1];
+            z0 = fmaf(p00, vzp[2 * j], fmaf(p10, vzp[2 * j + 1], z0));
+            z1 = fmaf(p01, vzp[2 * j], fmaf(p11, vzp[2 * j + 1], z1));
+            pb[j][0] = transpose8x8(pack_f16(p00 * (s0 * inv_r), p01 * (s0 * inv_r)));
+            pb[j][1] = transpose8x8(pack_f16(p10 * (s1 * inv_r), p11 * (s1 * inv_r)));
+        }
+
+        // out^T += V^T p'^T: block j's value slots (2t, 2t+1) are tokens 16t+2j, 16t+2j+8 and
+        // (2t+8, 2t+9) tokens 16t+2j+1, 16t+2j+9; m-tile 4w+n takes channel pairs n (rows g) and
+        // n+4 (rows g+8) of word w.
+        const u32 ones[4] = {BIASED, BIASED, BIASED, BIASED};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            mma<false>(bias, ones, pb[j][0], pb[j][1]);
+#pragma unroll
+            for (int w = 0; w < VW; ++w) {
+                const u32 a = Bytes<VB>::word(vw[2 * j], w), bb = Bytes<VB>::word(vw[2 * j + 8], w);
+                const u32 c = Bytes<VB>::word(vw[2 * j + 1], w), d = Bytes<VB>::word(vw[2 * j + 9], w);
+                const u32 xa = __byte_perm(a, bb, 0x5410), ya = __byte_perm(a, bb, 0x7632);
+                const u32 xc = __byte_perm(c, d, 0x5410), yc = __byte_perm(c, d, 0x7632);
+                const u32 fr[4][4] = {
+                    {low_nibbles(xa), low_nibbles(ya), low_nibbles(xc), low_nibbles(yc)},
+                    {high_nibbles(xa), high_nibbles(ya), high_nibbles(xc), high_nibbles(yc)},
+                    {low_nibbles(xa >> 8), low_nibbles(ya >> 8), low_nibbles(xc >> 8), low_nibbles(yc >> 8)},
+                    {high_nibbles(xa >> 8), high_nibbles(ya >> 8), high_nibbles(xc >> 8), high_nibbles(yc >> 8)},
+                };
+#pragma unroll
+                for (int n = 0; n < 4; ++n) mma<false>(acc[4 * w + n], fr[n], pb[j][0], pb[j][1]);
+            }
+        }
+    }
+
+    // The window: full-precision keys and values in the query dtype, same fragment slots.
+    const int w_lo = max(lo, n_quant);
+    if (w_lo < hi) {
+        settle();
+        // Raw query, B fragments in the key slots' channel order.
+        u32 qb[KSTEPS][2];
+        {
+            const int n = g;
+            const u16* qrow = Q + b * sqb + (h * rep + n / lq) * sqh + (i64)(n % lq) * sqm + CPT * t;
+#pragma unroll
+            for (int st = 0; st < KSTEPS; ++st) {
+                const int base = 8 * (st >> 1) + 2 * (st & 1);
+                u32 v[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int off = base + (k >> 1) + 4 * (k & 1);  // pairs (base, base+4), (base+1, base+5)
+                    v[k] = n < rows ? qrow[off] : 0u;
+                }
+                qb[st][0] = v[0] | v[1] << 16;
+                qb[st][1] = v[2] | v[3] << 16;
+            }
+        }
+        const u16* wk = WK + b * swkb + h * swkh;
+        const u16* wv = WV + b * swvb + h * swvh;
+        for (int t0 = w_lo; t0 < hi; t0 += TILE) {
+            float sc[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+                const int tk0 = t0 + 8 * g + 2 * j, tk1 = tk0 + 1;
+                const u16* k0 = wk + (i64)(tk0 - n_quant) * swkt + CPT * t;
+                const u16* k1 = wk + (i64)(tk1 - n_quant) * swkt + CPT * t;
+#pragma unroll
+                for (int st = 0; st < KSTEPS; ++st) {
+                    const int base = 8 * (st >> 1) + 2 * (st & 1);
+                    u32 f[4];
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const u16* kr = (k & 1) ? k1 : k0;
+                        const bool ok = ((k & 1) ? tk1 : tk0) < hi;
+                        const int off = base + (k >> 1);
+                        const u32 lo16 = ok ? kr[off] : 0u, hi16 = ok ? kr[off + 4] : 0u;
+                        f[k] = lo16 | hi16 << 16;
+                    }
+                    mma<BF16>(sc[j], f, qb[st][0], qb[st][1]);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sc[j][e] *= qk_scale;
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int tok = t0 + 8 * g + 2 * j + e;
+                    const bool ok = tok >= begin && tok < hi;
+                    if (!(ok && tok <= qpos0)) sc[j][2 * e] = NEG_INF;
+                    if (!(ok && tok <= qpos1)) sc[j][2 * e + 1] = NEG_INF;
+                }
+            }
+            float mx0 = m0, mx1 = m1;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][2]));
+                mx1 = fmaxf(mx1, fmaxf(sc[j][1], sc[j][3]));
+            }
+            mx0 = warp_max_g(mx0);
+            mx1 = warp_max_g(mx1);
+            const float alpha0 = exp2_approx(m0 - mx0), alpha1 = exp2_approx(m1 - mx1);
+            m0 = mx0;
+            m1 = mx1;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                acc[mt][0] *= alpha0;
+                acc[mt][2] *= alpha0;
+                acc[mt][1] *= alpha1;
+                acc[mt][3] *= alpha1;
+            }
+            l0 *= alpha0;
+            l1 *= alpha1;
+            z0 *= alpha0;
+            z1 *= alpha1;
+            u32 pb[4][2];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float p00 = exp2_approx(sc[j][0] - m0), p01 = exp2_approx(sc[j][1] - m1);
+                const float p10 = exp2_approx(sc[j][2] - m0), p11 = exp2_approx(sc[j][3] - m1);
+                l0 += p00 + p10;
+                l1 += p01 + p11;
+                pb[j][0] = transpose8x8(BF16 ? pack_bf16(p00, p01) : pack_f16(p00, p01));
+                pb[j][1] = transpose8x8(BF16 ? pack_bf16(p10, p11) : pack_f16(p10, p11));
+            }
+            // Value slots as in the store: lane (g, t) holds channel slots g, g+8 of m-tile 4w+n,
+            // channels D/8 g + 8w + n and + 4, tokens 16t + {2j, 2j+8} and {2j+1, 2j+9}.
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int tk[4] = {t0 + 16 * t + 2 * j, t0 + 16 * t + 2 * j + 8, t0 + 16 * t + 2 * j + 1,
+                                   t0 + 16 * t + 2 * j + 9};
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int ch = (D / 8) * g + 8 * (mt >> 2) + (mt & 3);
+                    u32 vals[4][2];  // token k: channel ch (rows g), ch + 4 (rows g+8)
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const bool ok = tk[k] < hi;
+                        const u16* vr = wv + (i64)(tk[k] - n_quant) * swvt + ch;
+                        vals[k][0] = ok ? vr[0] : 0u;
+                        vals[k][1] = ok ? vr[4] : 0u;
+                    }
+                    const u32 f[4] = {vals[0][0] | vals[1][0] << 16, vals[0][1] | vals[1][1] << 16,
+                                      vals[2][0] | vals[3][0] << 16, vals[2][1] | vals[3][1] << 16};
+                    mma<BF16>(acc[mt], f, pb[j][0], pb[j][1]);
+                }
+            }
+        }
+    }
+
+    // Finish: the softmax sums and zero-point terms over the lanes of each row, then the output.
+    l0 = warp_sum_g(l0);
+    l1 = warp_sum_g(l1);
+    z0 = warp_sum_g(z0);
+    z1 = warp_sum_g(z1);
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    settle();
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int n = 2 * t + e;
+        if (n >= rows) continue;
+        const float inv = e ? inv1 : inv0, zz = e ? z1 : z0, mm = e ? m1 : m0, ll = e ? l1 : l0;
+        const i64 head = h * rep + n / lq, qi = n % lq;
+        const i64 r = ((b * (num_kv_heads * rep) + head) * lq + qi) * num_splits + split;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int ch = (D / 8) * g + 8 * (mt >> 2) + (mt & 3) + 4 * half;
+                const float o = (acc[mt][2 * half + e] + zz) * inv;
+                if (num_splits > 1) {
+                    MidO[r * D + ch] = o;
+                } else {
+                    Out[b * sob + head * soh + qi * som + ch] = BF16 ? float_to_bf16(o) : float_to_half(o);
+                }
+            }
+        }
+        if (num_splits > 1 && g == 0) MidL[r] = ll > 0.0f ? mm + __log2f(ll) : NEG_INF;
+    }
+}
+
+#define KVPACK_DECODE_INT4(NAME, D, BF16)                                                                       \
+    extern "C" __global__ void __launch_bounds__(32, KVPACK_DECODE_MIN_BLOCKS) NAME(                                                    \
+        const u16* __restrict__ Q, u16* __restrict__ Out, float* __restrict__ MidO, float* __restrict__ MidL,  \
+        const unsigned char* __restrict__ KC, const u16* __restrict__ KS, const u16* __restrict__ KZ,          \
+        const unsigned char* __restrict__ VC, const u16* __restrict__ VS, const u16* __restrict__ VZ,          \
+        const u16* __restrict__ WK, const u16* __restrict__ WV, const int* __restrict__ Start,                 \
+        const int* __restrict__ End, float qk_scale, int n_quant, int n_window, int chunk, int num_splits,     \
+        int num_kv_heads, int rep, int lq, int group, i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som,   \
+        i64 skcb, i64 skch, i64 sksb, i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh,   \
+        i64 swkt, i64 swvb, i64 swvh, i64 swvt) {                                                              \
+        decode_int4<D, BF16>(Q, Out, MidO, MidL, KC, KS, KZ, VC, VS, VZ, WK, WV, Start, End, qk_scale,       \
+                             n_quant, n_window, chunk, num_splits, num_kv_heads, rep, lq, group, sqb, sqh, sqm, \
+                             sob, soh, som, skcb, skch, sksb, sksh, svcb, svch, svsb, svsh, swkb, swkh, swkt,  \
+                             swvb, swvh, swvt);                                                                \
+    }
+
+KVPACK_DECODE_INT4(decode_int4_d128_f16, 128, false)
+KVPACK_DECODE_INT4(decode_int4_d128_bf16, 128, true)
+KVPACK_DECODE_INT4(decode_int4_d64_f16, 64, false)
+KVPACK_DECODE_INT4(decode_int4_d64_bf16, 64, true)
