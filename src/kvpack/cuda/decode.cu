@@ -202,16 +202,21 @@ __device__ __forceinline__ void decode_int4(
     // The query rows, normalized by their max |q|, into shared memory: element (n, c) with
     // c = CPT t + i at n RS + (i / 4) 16 + 4 t + i % 4, so that lane (g, t) reads its channels as
     // float4s without bank conflicts.
+    float x[MAX_ROWS][D / 32];  // every row's loads issued before any reduction waits on them
+#pragma unroll
     for (int n = 0; n < MAX_ROWS; ++n) {
-        float x[D / 32];
-        float mx = 0.0f;
         const u16* qrow = Q + b * sqb + (h * rep + n / lq) * sqh + (i64)(n % lq) * sqm;
 #pragma unroll
         for (int i = 0; i < D / 32; ++i) {
             const u16 raw = n < rows ? qrow[lane + 32 * i] : (u16)0;
-            x[i] = BF16 ? bf16_to_float(raw) : half_to_float(raw);
-            mx = fmaxf(mx, fabsf(x[i]));
+            x[n][i] = BF16 ? bf16_to_float(raw) : half_to_float(raw);
         }
+    }
+#pragma unroll
+    for (int n = 0; n < MAX_ROWS; ++n) {
+        float mx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < D / 32; ++i) mx = fmaxf(mx, fabsf(x[n][i]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
         mx = warp_max_g(mx);
@@ -219,7 +224,7 @@ __device__ __forceinline__ void decode_int4(
 #pragma unroll
         for (int i = 0; i < D / 32; ++i) {
             const int c = lane + 32 * i, tt = c / CPT, ii = c % CPT;
-            qn_s[n * RS + (ii / 4) * 16 + 4 * tt + ii % 4] = __fdiv_rn(x[i], mx);
+            qn_s[n * RS + (ii / 4) * 16 + 4 * tt + ii % 4] = __fdiv_rn(x[n][i], mx);
         }
         if (lane == 0) qmax_s[n] = mx;
     }
@@ -239,7 +244,9 @@ __device__ __forceinline__ void decode_int4(
     float bias[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // the codes' offset: sum 1024 p', as acc holds it
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-    // acc in true units: less the offset, high nibbles divided by 16, times R.
+    // acc in true units: less the offset, high nibbles divided by 16, times R (once: before the
+    // window's products, which add true values, or at the end).
+    bool settled = false;
     auto settle = [&]() {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
@@ -249,6 +256,7 @@ __device__ __forceinline__ void decode_int4(
         }
         bias[0] = bias[1] = bias[2] = bias[3] = 0.0f;
         R = 1.0f;
+        settled = true;
     };
 
     int lo = split * chunk;
@@ -568,7 +576,7 @@ __device__ __forceinline__ void decode_int4(
     z0 = warp_sum_g(z0);
     z1 = warp_sum_g(z1);
     const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    settle();
+    if (!settled) settle();
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
         const int n = 2 * t + e;
