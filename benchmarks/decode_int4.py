@@ -49,7 +49,7 @@ def _build(min_blocks: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", type=_ints, default=[4096, 16384, 32768, 131072])
-    p.add_argument("--min-blocks", type=_ints, default=[1, 12])
+    p.add_argument("--min-blocks", type=_ints, default=[12, 8])
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()

