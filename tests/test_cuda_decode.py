@@ -1,7 +1,7 @@
 """The int4 decode-attention kernel in CUDA C (kvpack.cuda.decode, decode.cu).
 
-Without a GPU: the source compiles with nvcc for sm_80 and sm_90 without a warning, sm_90 without
-at most 168 registers (12 programs per SM), into the instructions it was written for; the choice between it and the Triton kernel.
+Without a GPU: the source compiles with nvcc for sm_80 and sm_90 without a warning, for sm_90 in at
+most 168 registers (12 programs per SM), into the instructions it was written for; which calls it takes.
 On a GPU: every case against float32 attention over the layer's dequantized cache (relative L2 error
 < 1e-2, as the Triton kernel's tests), and against the Triton kernel on the same layer.
 """
