@@ -32,15 +32,16 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
-def _build(min_blocks: int) -> None:
-    """Make the CUDA kernel loader compile with ``__launch_bounds__(32, min_blocks)``."""
+def _build(defines: dict[str, int]) -> None:
+    """Make the CUDA kernel loader compile with these macros (``KVPACK_DECODE_MIN_BLOCKS``: programs per
+    SM the registers must allow; ``KVPACK_DECODE_PREFETCH``)."""
     import cupy
+
+    options = ("-std=c++17", *(f"-D{k}={v}" for k, v in defines.items()))
 
     def kernel(name: str, device_index: int):  # noqa: ANN202
         with cupy.cuda.Device(device_index):
-            return cupy.RawModule(code=cuda_decode.SOURCE.read_text(),
-                                  options=("-std=c++17", f"-DKVPACK_DECODE_MIN_BLOCKS={min_blocks}"),
-                                  ).get_function(name)
+            return cupy.RawModule(code=cuda_decode.SOURCE.read_text(), options=options).get_function(name)
 
     cuda_decode._kernel = kernel
     cuda_decode.resident_per_sm.cache_clear()
@@ -50,6 +51,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", type=_ints, default=[4096, 16384, 32768, 131072])
     p.add_argument("--min-blocks", type=_ints, default=[12, 8])
+    p.add_argument("--no-prefetch", action="store_true", help="also time builds without the L2 prefetch")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -86,13 +88,16 @@ def main() -> None:
         ref = bench.sdpa_decode(q, keys, values, True)
         del keys, values
         variants = [("triton", replace(base, kernel="triton"), None)]
-        variants += [(f"cuda-minblocks{m}", base, m) for m in args.min_blocks]
-        for name, config, min_blocks in variants:
-            if min_blocks is not None:
-                _build(min_blocks)
+        variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}) for m in args.min_blocks]
+        if args.no_prefetch:
+            variants += [(f"cuda-minblocks{m}-noprefetch", base,
+                          {"KVPACK_DECODE_MIN_BLOCKS": m, "KVPACK_DECODE_PREFETCH": 0}) for m in args.min_blocks]
+        for name, config, defines in variants:
+            if defines is not None:
+                _build(defines)
             t = ms(lambda layer, c=config: decode(q, layer, config=c), [(layer,) for layer in layers])
             err = bench._rel_error(decode(q, first, config=config), ref)
-            per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if min_blocks else None
+            per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if defines else None
             row = dict(context=ctx, method=name, ms=t, sdpa_ms=sdpa, speedup=sdpa / t, bytes=nbytes,
                        gbps=nbytes / t / 1e6, of_copy=nbytes / t / 1e6 / copy, rel_error=err, per_sm=per_sm)
             rows.append(row)

@@ -13,13 +13,14 @@
 // query rows are the mma's N side and the codes its A operand, loaded as they lie in memory:
 //
 //   scores^T [16 tokens x 8 rows] = (K codes - 8) [16 x D] . (q s)^T      (mma m16n8k16, float16)
-//   out^T    [16 channels x 8 rows] += (V^T codes - 8) [16 x 16 tokens] . p'^T   (p' = p s_t / R)
+//   out^T    [16 channels x 8 rows] += V^T codes [16 x 16 tokens] . p'^T     (p' = p s_t / R)
 //
 // with the key scales folded into the query once per key group (k = s (c - 8) + (z + 8 s) gives
 // q.k = (q s).(c - 8) + q.(z + 8 s)) and the value scales into the softmax weights (sum p v =
-// sum (p s_t)(c - 8) + sum p (z_t + 8 s_t)). Centred codes keep the sums small beside the zero-point
-// terms they are added to (the tensor cores' float32 sums lose bits beside a large accumulator:
-// codes left offset by 1024 gave relative errors of 0.2 at 32K tokens on an H100). The
+// sum (p s_t) c + sum p z_t). The codes go to the tensor cores exact, the keys' centred (the
+// tensor cores' float32 sums lose low bits beside a large operand: codes left offset by 1024 gave
+// relative errors of 0.2 at 32K tokens on an H100). Values stay uncentred, so that a constant token
+// (stored as scale 1, codes 0) reads exactly its zero point. The
 // A fragments' token and channel slots may be any permutation, provided the other operand follows
 // it; so each lane reads contiguous bytes:
 //   - keys: lane (g, t) reads the 16 bytes at 16t (D = 128; 8 bytes at 8t for D = 64) of tokens
@@ -31,9 +32,9 @@
 //     reads the 8 bytes at 8g (4 at 4g for D = 64) of tokens 16t .. 16t+15 and pairs the same
 //     channel of two tokens with one byte permute.
 // The codes become float16 two nibbles per 2 instructions: (x & 0x000F000F) | 0x64006400 reads as
-// (1024 + c0, 1024 + c1), less 1032 (one f16x2 subtract) gives c - 8; the high nibbles (x &
-// 0x00F000F0) read 1024 + 16 c, less 1152: 16 (c - 8), met by a sixteenth of the query (keys) or
-// divided out at the end (values). Every value is exact in float16.
+// (1024 + c0, 1024 + c1), less 1032 (one f16x2 subtract) gives c - 8 (keys; less 1024 for values);
+// the high nibbles (x & 0x00F000F0) read 1024 + 16 c, less 1152: 16 (c - 8), met by a sixteenth of
+// the query (keys; values: 16 c, divided out at the end). Every value is exact in float16.
 //
 // Numerics: float32 online softmax in base 2; the folded operands in float16: the query normalized
 // by its row max |q| times the (float16) key scales, so at most the largest float16; the value
@@ -54,6 +55,9 @@ typedef long long i64;
 #ifndef KVPACK_DECODE_MIN_BLOCKS
 #define KVPACK_DECODE_MIN_BLOCKS 12
 #endif
+#ifndef KVPACK_DECODE_PREFETCH  // 0: no L2 prefetch of the next tile (for measuring it)
+#define KVPACK_DECODE_PREFETCH 1
+#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -70,15 +74,19 @@ __device__ __forceinline__ u32 hsub2(u32 a, u32 b) {
     return d;
 }
 
-// Bits 0-3 and 16-19 of x, centred: the float16 pair (c0 - 8, c1 - 8). Under the exponent of 1024
-// the bits read as 1024 + c; less 1032.
+// Bits 0-3 and 16-19 of x as the float16 pair (c0 - C, c1 - C): under the exponent of 1024 the bits
+// read as 1024 + c, less 1024 + C.
+template <int C>
 __device__ __forceinline__ u32 low_nibbles(u32 x) {
-    return hsub2(lop3_and_or(x, 0x000F000Fu, 0x64006400u), 0x64086408u);
+    constexpr u32 h = 0x6400u + C;
+    return hsub2(lop3_and_or(x, 0x000F000Fu, 0x64006400u), h | h << 16);
 }
 
-// Bits 4-7 and 20-23 of x likewise, times 16: (16 (c0 - 8), 16 (c1 - 8)), from 1024 + 16 c less 1152.
+// Bits 4-7 and 20-23 of x likewise, times 16: (16 (c0 - C), 16 (c1 - C)), from 1024 + 16 c.
+template <int C>
 __device__ __forceinline__ u32 high_nibbles(u32 x) {
-    return hsub2(lop3_and_or(x, 0x00F000F0u, 0x64006400u), 0x64806480u);
+    constexpr u32 h = 0x6400u + 16 * C;
+    return hsub2(lop3_and_or(x, 0x00F000F0u, 0x64006400u), h | h << 16);
 }
 
 __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
@@ -91,6 +99,10 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     u32 d;
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 __device__ __forceinline__ u32 pack_f16(float lo, float hi) {
@@ -220,6 +232,34 @@ __device__ __forceinline__ void decode_int4(
     if (End != nullptr) end = min(End[b], end);
     const int begin = Start != nullptr ? Start[b] : 0;
 
+    int lo = split * chunk;
+    const int hi = min(lo + chunk, end);
+    lo = max(lo, begin / TILE * TILE);
+    const int q_hi = min(hi, n_quant);
+
+    const unsigned char* kc = KC + b * skcb + h * skch;
+    const unsigned char* vc = VC + b * svcb + h * svch;
+    const u16* ks = KS + b * sksb + h * sksh;
+    const u16* kz = KZ + b * sksb + h * sksh;
+    const u16* vs = VS + b * svsb + h * svsh;
+    const u16* vz = VZ + b * svsb + h * svsh;
+
+    // The next tile's bytes into L2 (no registers held): its loads then wait for L2, not DRAM.
+    auto prefetch_tile = [&](int t0) {
+        constexpr int LINES = TILE * NB / 128;
+        for (int i = lane; i < LINES; i += 32) {
+            prefetch_l2(kc + t0 * NB + i * 128);
+            prefetch_l2(vc + t0 * NB + i * 128);
+        }
+        if (lane == 0) prefetch_l2(vs + t0);
+        if (lane == 1) prefetch_l2(vz + t0);
+        if (lane >= 2 && lane < 2 + D / 32) {  // the key group's scale and zero rows (2 D bytes each)
+            const int k = lane - 2, row = t0 / group;
+            prefetch_l2((k & 1 ? kz : ks) + (i64)row * D + (k >> 1) * 64);
+        }
+    };
+    if (KVPACK_DECODE_PREFETCH && lo < q_hi) prefetch_tile(lo);  // the first tile, while the query is read
+
     // The query rows, normalized by their max |q|, into shared memory: element (n, c) with
     // c = CPT t + i at n RS + (i / 4) 16 + 4 t + i % 4, so that lane (g, t) reads its channels as
     // float4s without bank conflicts.
@@ -261,7 +301,7 @@ __device__ __forceinline__ void decode_int4(
     float l0 = 0.0f, l1 = 0.0f;          // this lane's share of the softmax sums
     float z0 = 0.0f, z1 = 0.0f;          // this lane's share of sum p z_t
     float R = 0.0f;                      // the accumulator's unit: acc = sum p v / R
-    float acc[MT][4];  // out^T fragments: sum p' (c - 8), times 16 in m-tiles 4w+1 and 4w+3 (high nibbles)
+    float acc[MT][4];  // out^T fragments: sum p' c, times 16 in m-tiles 4w+1 and 4w+3 (high nibbles)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
     // acc in true units: high nibbles divided by 16, times R (once: before the window's products,
@@ -278,17 +318,6 @@ __device__ __forceinline__ void decode_int4(
         settled = true;
     };
 
-    int lo = split * chunk;
-    const int hi = min(lo + chunk, end);
-    lo = max(lo, begin / TILE * TILE);
-    const int q_hi = min(hi, n_quant);
-
-    const unsigned char* kc = KC + b * skcb + h * skch;
-    const unsigned char* vc = VC + b * svcb + h * svch;
-    const u16* ks = KS + b * sksb + h * sksh;
-    const u16* kz = KZ + b * sksb + h * sksh;
-    const u16* vs = VS + b * svsb + h * svsh;
-    const u16* vz = VZ + b * svsb + h * svsh;
 
     // The query as float16 B fragments, pairs in the key slots' channel order (see the header):
     // qn[st][0] = channels (base, base + 4), qn[st][1] = (base + 1, base + 5),
@@ -309,6 +338,7 @@ __device__ __forceinline__ void decode_int4(
     int krow = -1;
 
     for (int t0 = lo; t0 < q_hi; t0 += TILE) {
+        if (KVPACK_DECODE_PREFETCH && t0 + TILE < q_hi) prefetch_tile(t0 + TILE);
         KRow kw[8];
         VRow vw[16];
 #pragma unroll
@@ -359,9 +389,11 @@ __device__ __forceinline__ void decode_int4(
             for (int w = 0; w < KW; ++w) {
                 const u32 x0 = Bytes<KB>::word(kw[2 * j], w), x1 = Bytes<KB>::word(kw[2 * j + 1], w);
                 const u32 y0 = x0 >> 8, y1 = x1 >> 8;
-                const u32 f0[4] = {low_nibbles(x0), low_nibbles(x1), high_nibbles(x0), high_nibbles(x1)};
+                const u32 f0[4] = {low_nibbles<8>(x0), low_nibbles<8>(x1), high_nibbles<8>(x0),
+                                   high_nibbles<8>(x1)};
                 mma<false>(sc[j], f0, qs[2 * w][0], qs[2 * w][1]);
-                const u32 f1[4] = {low_nibbles(y0), low_nibbles(y1), high_nibbles(y0), high_nibbles(y1)};
+                const u32 f1[4] = {low_nibbles<8>(y0), low_nibbles<8>(y1), high_nibbles<8>(y0),
+                                   high_nibbles<8>(y1)};
                 mma<false>(sc[j], f1, qs[2 * w + 1][0], qs[2 * w + 1][1]);
             }
             sc[j][0] = fmaf(sc[j][0], a0, c0);
@@ -406,8 +438,6 @@ __device__ __forceinline__ void decode_int4(
             vsc[2 * k + 1] = half_to_float((u16)(sw[k] >> 16));
             vzp[2 * k] = half_to_float((u16)(zw[k] & 0xFFFF));
             vzp[2 * k + 1] = half_to_float((u16)(zw[k] >> 16));
-            vzp[2 * k] = fmaf(8.0f, vsc[2 * k], vzp[2 * k]);  // v = s (c - 8) + (z + 8 s)
-            vzp[2 * k + 1] = fmaf(8.0f, vsc[2 * k + 1], vzp[2 * k + 1]);
             top = fmaxf(top, fmaxf(vsc[2 * k], vsc[2 * k + 1]));
         }
         top = warp_max_g(top);
@@ -459,11 +489,12 @@ __device__ __forceinline__ void decode_int4(
                 const u32 xa = __byte_perm(a, bb, 0x5410), ya = __byte_perm(a, bb, 0x7632);
                 const u32 xc = __byte_perm(c, d, 0x5410), yc = __byte_perm(c, d, 0x7632);
                 const u32 fr[4][4] = {
-                    {low_nibbles(xa), low_nibbles(ya), low_nibbles(xc), low_nibbles(yc)},
-                    {high_nibbles(xa), high_nibbles(ya), high_nibbles(xc), high_nibbles(yc)},
-                    {low_nibbles(xa >> 8), low_nibbles(ya >> 8), low_nibbles(xc >> 8), low_nibbles(yc >> 8)},
-                    {high_nibbles(xa >> 8), high_nibbles(ya >> 8), high_nibbles(xc >> 8),
-                     high_nibbles(yc >> 8)},
+                    {low_nibbles<0>(xa), low_nibbles<0>(ya), low_nibbles<0>(xc), low_nibbles<0>(yc)},
+                    {high_nibbles<0>(xa), high_nibbles<0>(ya), high_nibbles<0>(xc), high_nibbles<0>(yc)},
+                    {low_nibbles<0>(xa >> 8), low_nibbles<0>(ya >> 8), low_nibbles<0>(xc >> 8),
+                     low_nibbles<0>(yc >> 8)},
+                    {high_nibbles<0>(xa >> 8), high_nibbles<0>(ya >> 8), high_nibbles<0>(xc >> 8),
+                     high_nibbles<0>(yc >> 8)},
                 };
 #pragma unroll
                 for (int n = 0; n < 4; ++n) mma<false>(acc[4 * w + n], fr[n], pb[j][0], pb[j][1]);
