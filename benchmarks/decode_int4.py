@@ -74,15 +74,22 @@ def main() -> None:
     for ctx in args.contexts:
         fp16 = 2 * B * H * ctx * D * 2
         copies = max(1, harness.rotation(fp16, dev))
-        kv = [(torch.randn(B, H, ctx, D, generator=g, device=dev, dtype=torch.float16),
-               torch.randn(B, H, ctx, D, generator=g, device=dev, dtype=torch.float16)) for _ in range(copies)]
+        kv = [
+            (
+                torch.randn(B, H, ctx, D, generator=g, device=dev, dtype=torch.float16),
+                torch.randn(B, H, ctx, D, generator=g, device=dev, dtype=torch.float16),
+            )
+            for _ in range(copies)
+        ]
         sdpa = ms(lambda k, v: bench.sdpa_decode(q, k, v, True), kv)
         del kv
         torch.cuda.empty_cache()
         first = bench.filled_layer("int4", B, H, ctx, D, dev)
         nbytes = bench.layer_bytes(first)
-        layers = [first] + [bench.filled_layer("int4", B, H, ctx, D, dev, seed=i)
-                            for i in range(1, max(1, harness.rotation(nbytes, dev)))]
+        layers = [first] + [
+            bench.filled_layer("int4", B, H, ctx, D, dev, seed=i)
+            for i in range(1, max(1, harness.rotation(nbytes, dev)))
+        ]
         base = default_config(D, first.group, first.key_scheme, first.value_scheme, HQ // H)
         keys, values = first.dequantized()
         ref = bench.sdpa_decode(q, keys, values, True)
@@ -90,19 +97,38 @@ def main() -> None:
         variants = [("triton", replace(base, kernel="triton"), None)]
         variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}) for m in args.min_blocks]
         if args.no_prefetch:
-            variants += [(f"cuda-minblocks{m}-noprefetch", base,
-                          {"KVPACK_DECODE_MIN_BLOCKS": m, "KVPACK_DECODE_PREFETCH": 0}) for m in args.min_blocks]
+            variants += [
+                (
+                    f"cuda-minblocks{m}-noprefetch",
+                    base,
+                    {"KVPACK_DECODE_MIN_BLOCKS": m, "KVPACK_DECODE_PREFETCH": 0},
+                )
+                for m in args.min_blocks
+            ]
         for name, config, defines in variants:
             if defines is not None:
                 _build(defines)
             t = ms(lambda layer, c=config: decode(q, layer, config=c), [(layer,) for layer in layers])
             err = bench._rel_error(decode(q, first, config=config), ref)
             per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if defines else None
-            row = dict(context=ctx, method=name, ms=t, sdpa_ms=sdpa, speedup=sdpa / t, bytes=nbytes,
-                       gbps=nbytes / t / 1e6, of_copy=nbytes / t / 1e6 / copy, rel_error=err, per_sm=per_sm)
+            row = dict(
+                context=ctx,
+                method=name,
+                ms=t,
+                sdpa_ms=sdpa,
+                speedup=sdpa / t,
+                bytes=nbytes,
+                gbps=nbytes / t / 1e6,
+                of_copy=nbytes / t / 1e6 / copy,
+                rel_error=err,
+                per_sm=per_sm,
+            )
             rows.append(row)
-            print(f"{ctx:>7} {name:<16} {t:.4f} ms  SDPA {sdpa:.4f}  x{sdpa / t:.2f}  "
-                  f"{row['gbps']:.0f} GB/s ({row['of_copy']:.0%})  err {err:.1e}  per_sm {per_sm}", flush=True)
+            print(
+                f"{ctx:>7} {name:<16} {t:.4f} ms  SDPA {sdpa:.4f}  x{sdpa / t:.2f}  "
+                f"{row['gbps']:.0f} GB/s ({row['of_copy']:.0%})  err {err:.1e}  per_sm {per_sm}",
+                flush=True,
+            )
         del layers, first
         torch.cuda.empty_cache()
     out = Path(args.out) / "decode_int4.json"
