@@ -12,6 +12,7 @@ int4 layer holds, the fraction of the measured copy bandwidth, and the speedup o
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 from dataclasses import replace
@@ -39,6 +40,7 @@ def _build(defines: dict[str, int]) -> None:
 
     options = ("-std=c++17", *(f"-D{k}={v}" for k, v in defines.items()))
 
+    @functools.cache
     def kernel(name: str, device_index: int):  # noqa: ANN202
         with cupy.cuda.Device(device_index):
             return cupy.RawModule(code=cuda_decode.SOURCE.read_text(), options=options).get_function(name)
@@ -47,11 +49,32 @@ def _build(defines: dict[str, int]) -> None:
     cuda_decode.resident_per_sm.cache_clear()
 
 
+def profile(call, ctx: int) -> None:  # noqa: ANN001
+    """Each kernel's mean GPU time over 20 calls under the profiler."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    call()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            call()
+        torch.cuda.synchronize()
+    for e in prof.key_averages():
+        if e.device_type.name == "CUDA" and e.count >= 20:
+            print(f"{ctx:>7} profile {e.key[:40]:<40} {e.device_time_total / e.count:.1f} us x {e.count}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", type=_ints, default=[4096, 16384, 32768, 131072])
     p.add_argument("--min-blocks", type=_ints, default=[12, 8])
-    p.add_argument("--no-prefetch", action="store_true", help="also time builds without the L2 prefetch")
+    p.add_argument(
+        "--splits", type=_ints, default=[], help="also time the default build at these split counts"
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="kernel times of the default path under the profiler"
+    )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -96,21 +119,13 @@ def main() -> None:
         del keys, values
         variants = [("triton", replace(base, kernel="triton"), None)]
         variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}) for m in args.min_blocks]
-        if args.no_prefetch:
-            variants += [
-                (
-                    f"cuda-minblocks{m}-noprefetch",
-                    base,
-                    {"KVPACK_DECODE_MIN_BLOCKS": m, "KVPACK_DECODE_PREFETCH": 0},
-                )
-                for m in args.min_blocks
-            ]
+        variants += [(f"cuda-splits{n}", replace(base, num_splits=n), {}) for n in args.splits]
         for name, config, defines in variants:
             if defines is not None:
                 _build(defines)
             t = ms(lambda layer, c=config: decode(q, layer, config=c), [(layer,) for layer in layers])
             err = bench._rel_error(decode(q, first, config=config), ref)
-            per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if defines else None
+            per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if defines is not None else None
             row = dict(
                 context=ctx,
                 method=name,
@@ -129,6 +144,9 @@ def main() -> None:
                 f"{row['gbps']:.0f} GB/s ({row['of_copy']:.0%})  err {err:.1e}  per_sm {per_sm}",
                 flush=True,
             )
+        if args.profile:
+            _build({})
+            profile(functools.partial(decode, q, first), ctx)
         del layers, first
         torch.cuda.empty_cache()
     out = Path(args.out) / "decode_int4.json"
