@@ -342,15 +342,18 @@ def _load_scales(scale_ptr, zero_ptr, offs, mask, SYMMETRIC: tl.constexpr):
 
 
 @triton.jit
-def _grid_tile(n_rows, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The tile of program ``(i, j)`` over ``[n_rows, D]``: its first flat row (int64), its rows as
+def _grid_tile(n_rows, D, n_cols, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The tile of program ``p`` over ``[n_rows, D]`` cut in ``n_cols`` column blocks, column blocks
+    fastest (consecutive programs read consecutive bytes): its first flat row (int64), its rows as
     offsets from it (int32: the launcher keeps ``BLOCK_T * D`` below 2^31), which rows exist, its first
     channel, its channels, and which elements exist. Addresses are a 64-bit scalar base plus 32-bit
     offsets, rather than 64-bit arithmetic for every element."""
-    row0 = tl.program_id(0).to(tl.int64) * BLOCK_T
+    pid = tl.program_id(0)
+    i = pid // n_cols
+    row0 = i.to(tl.int64) * BLOCK_T
     t = tl.arange(0, BLOCK_T)
     row_ok = t < tl.minimum(n_rows - row0, BLOCK_T).to(tl.int32)
-    col0 = tl.program_id(1) * BLOCK_D
+    col0 = (pid - i * n_cols) * BLOCK_D
     d = col0 + tl.arange(0, BLOCK_D)
     return row0, t, row_ok, col0, d, row_ok[:, None] & (d < D)[None, :]
 
@@ -615,14 +618,14 @@ def _token_kernel(
 @triton.jit
 def _encode_kernel(
     x_ptr, codes_ptr, scale_ptr, zero_ptr,
-    n_rows, T, D, DB, G, sT, sD,
+    n_rows, T, D, DB, G, sT, sD, n_cols,
     BITS: tl.constexpr, QMAX: tl.constexpr, SYMMETRIC: tl.constexpr, FP8_MANT: tl.constexpr,
     FP8_EMIN: tl.constexpr, CHANNEL: tl.constexpr, ROW_SCALES: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Codes of the tile (flat rows ``b * T + t``, channels) from the stored scales and zero points,
     either axis (``reference.encode``)."""
-    row0, t, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
+    row0, t, row_ok, col0, d, mask = _grid_tile(n_rows, D, n_cols, BLOCK_T, BLOCK_D)
     x = tl.load(x_ptr + row0 * D + (t[:, None] * D + d[None, :]), mask=mask, other=0.0).to(tl.float32)
     s, z = _tile_scales(scale_ptr, zero_ptr, row0, t, d, mask, T, G, sT, sD, CHANNEL, ROW_SCALES, SYMMETRIC)
     PER: tl.constexpr = 8 // BITS
@@ -635,13 +638,13 @@ def _encode_kernel(
 @triton.jit
 def _dequantize_kernel(
     codes_ptr, scale_ptr, zero_ptr, out_ptr,
-    n_rows, T, D, DB, G, sT, sD,
+    n_rows, T, D, DB, G, sT, sD, n_cols,
     BITS: tl.constexpr, SYMMETRIC: tl.constexpr, CHANNEL: tl.constexpr, ROW_SCALES: tl.constexpr,
     OUT_BF16: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """``x_hat = q * scale (+ zero)`` of the tile (flat rows, channels), either axis
     (``reference.dequantize``)."""
-    row0, t, row_ok, col0, d, mask = _grid_tile(n_rows, D, BLOCK_T, BLOCK_D)
+    row0, t, row_ok, col0, d, mask = _grid_tile(n_rows, D, n_cols, BLOCK_T, BLOCK_D)
     PER: tl.constexpr = 8 // BITS
     q = _load_codes(codes_ptr + row0 * DB, t * DB + col0 // PER, DB - col0 // PER, row_ok, BITS, BLOCK_T,
                     BLOCK_D)
@@ -879,9 +882,10 @@ def _launch_encode(
     tiles = tiles or _tuned("encode", scheme, x.dtype, x.numel()) or _grid_tiles(b * t, d)
     g = scheme.group_size(t, d)
     _check_tile_offsets(tiles, d)
-    _encode_kernel[(triton.cdiv(b * t, tiles.block_t), triton.cdiv(d, tiles.block_d))](
+    n_cols = triton.cdiv(d, tiles.block_d)
+    _encode_kernel[(triton.cdiv(b * t, tiles.block_t) * n_cols,)](
         x, codes, scale, scale if zero is None else zero,
-        b * t, t, d, codes.shape[2], g, scale.shape[1], scale.shape[2],
+        b * t, t, d, codes.shape[2], g, scale.shape[1], scale.shape[2], n_cols,
         CHANNEL=scheme.axis == "channel", ROW_SCALES=_row_scales(scheme, t, g, tiles),
         BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, **tiles.launch, **_meta(scheme),
     )
@@ -1009,8 +1013,10 @@ def dequantize(
         return out
     tiles = tiles or _grid_tiles(b * t, channels)
     _check_tile_offsets(tiles, channels)
-    _dequantize_kernel[(triton.cdiv(b * t, tiles.block_t), triton.cdiv(channels, tiles.block_d))](
+    n_cols = triton.cdiv(channels, tiles.block_d)
+    _dequantize_kernel[(triton.cdiv(b * t, tiles.block_t) * n_cols,)](
         codes, scale, scale if zero is None else zero, out, b * t, t, channels, codes.shape[2], g, st, sd,
+        n_cols,
         CHANNEL=scheme.axis == "channel", ROW_SCALES=_row_scales(scheme, t, g, tiles),
         BLOCK_T=tiles.block_t, BLOCK_D=tiles.block_d, enable_fp_fusion=False, **tiles.launch, **consts,
     )
