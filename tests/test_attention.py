@@ -407,7 +407,8 @@ def test_gpu_forced_splits(splits: int, block_n: int) -> None:
 @requires_cuda
 @pytest.mark.gpu
 def test_gpu_cuda_graph_replay() -> None:
-    layer = make_layer(*CACHE_PRESETS["int4"], batch=2, kv_heads=8, tokens=5000, head_dim=128)
+    # 17,000 tokens x 2 rows x 8 heads: the CUDA int4 kernel (CUDA_MIN_WORK) under capture
+    layer = make_layer(*CACHE_PRESETS["int4"], batch=2, kv_heads=8, tokens=17000, head_dim=128)
     q = queries(layer, 32, 1)
     start = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     decode(q, layer, start=start)  # compile outside the capture

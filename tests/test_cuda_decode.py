@@ -210,20 +210,28 @@ def test_long_context_batch_8() -> None:
 
 @requires_cuda_kernel
 @pytest.mark.gpu
-def test_default_path_is_the_cuda_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    layer = make_layer(tokens=1000)
-    q = queries(layer, 8, 1)
+def test_default_path_takes_the_cuda_kernel_for_large_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvpack.triton.attention import CUDA_MIN_WORK
+
     calls = []
     launch = cuda_decode.launch
     monkeypatch.setattr(cuda_decode, "launch", lambda *a, **k: calls.append(1) or launch(*a, **k))
-    decode(q, layer)
+    small = make_layer(batch=1, kv_heads=2, tokens=1000)
+    decode(queries(small, 8, 1), small)
+    assert not calls  # 2,000 token-heads: the Triton kernel is the faster there
+    big = make_layer(batch=2, kv_heads=8, tokens=CUDA_MIN_WORK // 16 + 64)
+    q = queries(big, 32, 1)
+    out = decode(q, big)
     assert calls
+    keys, values = big.dequantized()
+    ref = reference.attention(q, keys, values, causal_offset=big.seq_length - 1)
+    assert rel_error(out, ref) < TOLERANCE
 
 
 @requires_cuda_kernel
 @pytest.mark.gpu
 def test_torch_compile_reduce_overhead() -> None:
-    layer = make_layer(kv_heads=8, tokens=3000)
+    layer = make_layer(kv_heads=8, tokens=17000)  # 272,000 token-heads: the CUDA kernel by default
     step = torch.compile(lambda x: decode(x, layer) + 1, mode="reduce-overhead", fullgraph=True)
     keys, values = layer.dequantized()
     for seed in range(3):

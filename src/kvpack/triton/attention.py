@@ -67,6 +67,11 @@ WAVE_COST_TOKENS = 64
 RESIDENT_PER_SM = {1: 8, 2: 4, 4: 2, 8: 2, 16: 1, 32: 1}
 #: What ``KernelConfig.kernel`` may name.
 KERNELS = ("auto", "triton", "cuda")
+#: Fewest (batch row, KV head, token) triples for which ``kernel="auto"`` takes the CUDA int4 kernel.
+#: Below it the Triton kernel is the faster (H100, 32 query / 8 KV heads, D=128, ms CUDA / Triton: batch
+#: 1 at 4K 0.020 / 0.012, 16K 0.033 / 0.026, 32K 0.042 / 0.041, 128K 0.091 / 0.132; batch 8 at 4K 0.037 /
+#: 0.041): the CUDA kernel's per-program start costs more when each program streams one or two tiles.
+CUDA_MIN_WORK = 2**18
 #: Most query rows (GQA heads x new tokens) one program holds; more rows use several row blocks.
 MAX_BLOCK_M = 64
 #: Fewest query rows a program holds by default (the tensor-core tile pads fewer rows itself).
@@ -968,7 +973,8 @@ def decode_attention(
     rows = hq // hkv * lq
     config = config or default_config(d, group, key_scheme, value_scheme, rows)
     store = (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
-    cuda = _use_cuda(config, q, key_scheme, value_scheme, group, rows, store, timeline)
+    work = bsz * hkv * (num_quantized + num_window)
+    cuda = _use_cuda(config, q, key_scheme, value_scheme, group, rows, store, timeline, work)
     block_m = config.block_m or max(MIN_BLOCK_M, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
     row_blocks = 1 if cuda else triton.cdiv(rows, block_m)
     tokens = num_quantized + num_window
@@ -1008,9 +1014,11 @@ def decode_attention(
 
 
 def _use_cuda(config: KernelConfig, q: torch.Tensor, key_scheme: Scheme, value_scheme: Scheme, group: int,
-              rows: int, store: tuple[torch.Tensor | None, ...], timeline: torch.Tensor | None) -> bool:
-    """Whether the CUDA C kernel (:mod:`kvpack.cuda.decode`) takes this call, per ``config.kernel``."""
-    if config.kernel == "triton":
+              rows: int, store: tuple[torch.Tensor | None, ...], timeline: torch.Tensor | None,
+              work: int) -> bool:
+    """Whether the CUDA C kernel (:mod:`kvpack.cuda.decode`) takes this call, per ``config.kernel``
+    (``auto``: where it applies and the call streams at least :data:`CUDA_MIN_WORK` token-heads)."""
+    if config.kernel == "triton" or (config.kernel == "auto" and work < CUDA_MIN_WORK):
         return False
     if timeline is not None:
         reason = "the timeline records the Triton kernel's programs"
