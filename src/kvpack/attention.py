@@ -6,8 +6,10 @@
 
 On CUDA (or on the CPU with ``TRITON_INTERPRET=1``) this runs the flash-decoding kernel of
 :mod:`kvpack.triton.attention` through the ``kvpack::decode_attention`` custom op (with a fake
-implementation, so ``torch.compile`` and CUDA graphs see one opaque op and no host sync). Elsewhere it
-dequantizes the layer and computes the same masked attention in float32 with plain torch.
+implementation, so ``torch.compile`` and CUDA graphs see one opaque op and no host sync); for the
+``int4`` preset on a GPU, calls large enough for it go to the CUDA C kernel of
+:mod:`kvpack.cuda.decode` instead (same partials, same combine). Elsewhere it dequantizes the layer and
+computes the same masked attention in float32 with plain torch.
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def decode_attention(
     start: torch.Tensor | None,
     end: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The Triton decode kernel on a layer's raw tensors (see
-    :func:`kvpack.triton.attention.decode_attention`); returns a new contiguous ``[B, Hq, Lq, D]`` tensor
+    """The decode kernels on a layer's raw tensors (see :func:`kvpack.triton.attention.decode_attention`,
+    which picks the Triton or the CUDA int4 kernel); returns a new contiguous ``[B, Hq, Lq, D]`` tensor
     in q's dtype."""
     from kvpack.triton.attention import decode_attention as launch
 
@@ -196,8 +198,8 @@ def decode(
             padding); row ``b``'s queries are then its tokens ``lengths_b - Lq .. lengths_b - 1``.
         start: optional integer ``[B]``: first valid token of each row (left padding, as transformers
             pads a batch for generation).
-        config: Triton tile sizes and splits (:class:`kvpack.triton.attention.KernelConfig`), for tuning;
-            bypasses the custom op.
+        config: tile sizes, splits and kernel (:class:`kvpack.triton.attention.KernelConfig`), for
+            tuning; bypasses the custom op.
 
     Returns:
         ``[B, Hq, Lq, D]`` in q's dtype: softmax(q k^T * scale) v over the keys/values the layer holds,

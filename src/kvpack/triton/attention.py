@@ -35,6 +35,10 @@ formats hold one row per block of ``group`` tokens (``row = token // group``), p
 row per token, over the whole head (one scale) or in channel groups (``column = channel // group``).
 Offsets of a (batch row, head) slice are computed in 64 bits; offsets inside one slice in 32 bits (the
 launcher checks that a slice holds fewer than 2^31 elements).
+
+The launcher, :func:`decode_attention`, also serves the ``int4`` preset's large calls on a GPU with the
+CUDA C kernel of :mod:`kvpack.cuda.decode` (``KernelConfig.kernel``, :data:`CUDA_MIN_WORK`), which
+writes the same split partials for the same combine kernel.
 """
 
 from __future__ import annotations
