@@ -86,6 +86,11 @@ def _kernel(name: str, device_index: int) -> Any:
         return cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",)).get_function(name)
 
 
+def device_index(t: torch.Tensor) -> int:
+    """The CUDA device index of ``t`` (the current device for a bare ``"cuda"``)."""
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
 @functools.cache
 def resident_per_sm(d: int, dtype: torch.dtype, device_index: int) -> int:
     """One-warp programs one SM holds at once, from the compiled kernel's registers (allocated per warp
@@ -127,7 +132,7 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
         *strides(q, 3), *strides(out, 3), *strides(kc, 2), *strides(ks, 2), *strides(vc, 2), *strides(vs, 2),
         *strides(window_keys, 3), *strides(window_values, 3),
     )
-    device = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    device = device_index(q)
     kernel = _kernel(_NAMES[(d, q.dtype)], device)
     with cupy.cuda.Device(device), _stream(cupy, q.device):
         kernel((bsz * hkv, splits, 1), (32, 1, 1), args)

@@ -984,7 +984,7 @@ def decode_attention(
     tokens = num_quantized + num_window
     block_n = cuda_decode.TILE if cuda else config.block_n
     if config.num_splits is None:
-        per_sm = cuda_decode.resident_per_sm(d, q.dtype, q.device.index or 0) if cuda else None
+        per_sm = cuda_decode.resident_per_sm(d, q.dtype, cuda_decode.device_index(q)) if cuda else None
         splits, chunk = choose_splits(tokens, bsz * hkv * row_blocks, block_n, q.device, config.num_warps,
                                       per_sm)
     else:
