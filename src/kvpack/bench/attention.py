@@ -6,6 +6,8 @@ dim 128 by default:
 - ``kvpack-int8`` / ``-int4`` / ``-fp8`` / ``-int2``: :func:`kvpack.attention.decode` over a
   :class:`kvpack.cache.QuantizedLayer` of that preset (keys per-channel in 64-token blocks, values
   per-token, a 128-token full-precision window), reading codes and scales directly;
+- ``kvpack-int4-triton``: where the int4 row ran the CUDA C kernel (:mod:`kvpack.cuda.decode`), the
+  Triton kernel on the same cache, for comparison;
 - ``sdpa-fp16``: ``scaled_dot_product_attention`` on a float16 cache, the faster of its two
   grouped-query forms (``enable_gqa=True``, or the query heads of a KV head packed as query rows, as
   transformers does for one-token steps);
