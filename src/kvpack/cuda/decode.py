@@ -113,6 +113,8 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     bsz, hq, lq, d = q.shape
     hkv = window_keys.shape[1]
     kc, ks, kz, vc, vs, vz = store
+    # The kernel reads one int32 per batch row (the Triton kernel takes any integer type).
+    start, end = (None if x is None else x.to(torch.int32).contiguous() for x in (start, end))
     if kc is None:  # an empty store is never read: any pointer of the right strides' kind will do
         kc = vc = torch.empty(1, 1, 1, d // 2, dtype=torch.uint8, device=q.device)
         ks = kz = torch.empty(1, 1, 1, d, dtype=torch.float16, device=q.device)
