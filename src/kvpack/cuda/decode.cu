@@ -55,11 +55,6 @@ typedef long long i64;
 #ifndef KVPACK_DECODE_MIN_BLOCKS
 #define KVPACK_DECODE_MIN_BLOCKS 12
 #endif
-// 1: each tile's codes are copied into shared memory (cp.async) while the tile before computes;
-// 0: loaded into registers at the top of the tile's iteration.
-#ifndef KVPACK_DECODE_ASYNC
-#define KVPACK_DECODE_ASYNC 1
-#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -101,24 +96,6 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     u32 d;
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
-}
-
-// N bytes global -> shared without a register (sm_80): 16 through L2 only, 8 and 4 through L1.
-template <int N>
-__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
-    const u32 a = (u32)__cvta_generic_to_shared(smem);
-    if (N == 16) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem));
-    } else {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(a), "l"(gmem), "n"(N));
-    }
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
 __device__ __forceinline__ u32 pack_f16(float lo, float hi) {
@@ -235,18 +212,8 @@ __device__ __forceinline__ void decode_int4(
     typedef typename Bytes<KB>::type KRow;
     typedef typename Bytes<VB>::type VRow;
 
-    __shared__ float qmax_s[MAX_ROWS];
-#if KVPACK_DECODE_ASYNC
-    // Two stages of one tile's codes, lane-major (lane l's 16-byte or 8-byte slots side by side:
-    // conflict-free); each lane copies and reads back only its own bytes. The normalized query lives
-    // in stage 1 until the first tile's copy into it (the prologue is over by then).
-    constexpr int KSTAGE = 8 * 32 * KB, STAGE = KSTAGE + 16 * 32 * VB;
-    static_assert(MAX_ROWS * (D + 16) * 4 <= STAGE, "the query must fit in a stage");
-    __shared__ __align__(16) unsigned char stages[2][STAGE];
-    float* qn_s = reinterpret_cast<float*>(stages[1]);
-#else
     __shared__ float qn_s[MAX_ROWS * RS];
-#endif
+    __shared__ float qmax_s[MAX_ROWS];
 
     const int lane = threadIdx.x;
     const int g = lane >> 2, t = lane & 3;
@@ -270,19 +237,6 @@ __device__ __forceinline__ void decode_int4(
     const u16* vs = VS + b * svsb + h * svsh;
     const u16* vz = VZ + b * svsb + h * svsh;
 
-#if KVPACK_DECODE_ASYNC
-    auto issue_tile = [&](int t0, int st) {
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-            cp_async<KB>(stages[st] + u * 32 * KB + lane * KB, kc + (t0 + 8 * g + u) * NB + KB * t);
-#pragma unroll
-        for (int u = 0; u < 16; ++u)
-            cp_async<VB>(stages[st] + KSTAGE + u * 32 * VB + lane * VB, vc + (t0 + 16 * t + u) * NB + VB * g);
-    };
-    if (lo < q_hi) issue_tile(lo, 0);  // the first tile's bytes travel while the query is read
-    cp_async_commit();
-    int stage = 0;
-#endif
 
     // The query rows, normalized by their max |q|, into shared memory: element (n, c) with
     // c = CPT t + i at n RS + (i / 4) 16 + 4 t + i % 4, so that lane (g, t) reads its channels as
@@ -355,7 +309,6 @@ __device__ __forceinline__ void decode_int4(
         qn[i / 4 + 1][0] = pack_f16(u.z, v.z);
         qn[i / 4 + 1][1] = pack_f16(u.w, v.w);
     }
-    __syncwarp();  // every lane's reads of the query done before stage 1 is overwritten
     const float a0 = qmax0 * qk_scale, a1 = qmax1 * qk_scale;  // score = mma a + c, rows r0, r1
     u32 qs[KSTEPS][2];  // qn times this key group's scales
     float c0 = 0.0f, c1 = 0.0f;
@@ -364,25 +317,12 @@ __device__ __forceinline__ void decode_int4(
     for (int t0 = lo; t0 < q_hi; t0 += TILE) {
         KRow kw[8];
         VRow vw[16];
-#if KVPACK_DECODE_ASYNC
-        if (t0 + TILE < q_hi) issue_tile(t0 + TILE, stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();  // this tile's copies have landed
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-            kw[u] = *reinterpret_cast<const KRow*>(stages[stage] + u * 32 * KB + lane * KB);
-#pragma unroll
-        for (int u = 0; u < 16; ++u)
-            vw[u] = *reinterpret_cast<const VRow*>(stages[stage] + KSTAGE + u * 32 * VB + lane * VB);
-        stage ^= 1;
-#else
 #pragma unroll
         for (int u = 0; u < 8; ++u)
             kw[u] = *reinterpret_cast<const KRow*>(kc + (t0 + 8 * g + u) * NB + KB * t);
 #pragma unroll
         for (int u = 0; u < 16; ++u)
             vw[u] = *reinterpret_cast<const VRow*>(vc + (t0 + 16 * t + u) * NB + VB * g);
-#endif
         const uint4 vsw = *reinterpret_cast<const uint4*>(vs + t0 + 8 * g);
         const uint4 vzw = *reinterpret_cast<const uint4*>(vz + t0 + 8 * g);
 

@@ -2,9 +2,8 @@
 
 Triton cannot place loaded data in a tensor-core operand's register layout: the packed int4 codes
 of its decode kernel go through shared memory to get there, and that traffic, not DRAM, bounds it
-(about 1,230 instructions per 32-token tile on sm_90). ``decode.cu`` moves the codes into mma
-fragments with no layout change (about 1,250 instructions per 64-token tile, the key group's scale
-folding included; each tile copied into shared memory by ``cp.async`` while the one before computes), for
+(about 1,230 instructions per 32-token tile on sm_90). ``decode.cu`` loads the codes straight into
+mma fragments (about 980 instructions per 64-token tile, the key group's scale folding included), for
 the layout ``kvpack.cache`` stores for the ``int4`` preset: keys ``int4-channel-gG`` (``G`` a multiple
 of 64), values ``int4-token``, head dim 64 or 128, at most 8 query rows per KV head (GQA heads times
 new tokens). :func:`why_not` says why a call does not qualify;
@@ -37,8 +36,6 @@ _NAMES = {(d, dt): f"decode_int4_d{d}_{'bf16' if dt == torch.bfloat16 else 'f16'
           for d in HEAD_DIMS for dt in (torch.float16, torch.bfloat16)}
 _REGISTERS_PER_SM = 65536
 _MAX_BLOCKS_PER_SM = 32
-_SHARED_PER_SM = 228 * 1024  # sm_90, where torch does not say (sm_80 has 164 KB)
-_SHARED_RESERVED_PER_BLOCK = 1024
 
 
 @functools.cache
@@ -86,15 +83,7 @@ def _kernel(name: str, device_index: int) -> Any:
     import cupy
 
     with cupy.cuda.Device(device_index):
-        kernel = cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",)).get_function(name)
-        _prefer_shared_memory(kernel)
-        return kernel
-
-
-def _prefer_shared_memory(kernel: Any) -> None:
-    """Ask for the largest shared-memory carveout: 12 programs of 16 KB stages each need 200 KB."""
-    if hasattr(kernel, "preferred_shared_memory_carveout"):
-        kernel.preferred_shared_memory_carveout = 100
+        return cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",)).get_function(name)
 
 
 def device_index(t: torch.Tensor) -> int:
@@ -105,13 +94,10 @@ def device_index(t: torch.Tensor) -> int:
 @functools.cache
 def resident_per_sm(d: int, dtype: torch.dtype, device_index: int) -> int:
     """One-warp programs one SM holds at once, from the compiled kernel's registers (allocated per warp
-    in units of 256) and shared memory."""
-    attributes = _kernel(_NAMES[(d, dtype)], device_index).attributes
-    per_warp = math.ceil(attributes["num_regs"] * 32 / 256) * 256
-    shared = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_multiprocessor",
-                     _SHARED_PER_SM)
-    by_shared = shared // (attributes["shared_size_bytes"] + _SHARED_RESERVED_PER_BLOCK)
-    return max(1, min(_MAX_BLOCKS_PER_SM, _REGISTERS_PER_SM // per_warp, by_shared))
+    in units of 256)."""
+    regs = _kernel(_NAMES[(d, dtype)], device_index).attributes["num_regs"]
+    per_warp = math.ceil(regs * 32 / 256) * 256
+    return max(1, min(_MAX_BLOCKS_PER_SM, _REGISTERS_PER_SM // per_warp))
 
 
 def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch.Tensor,
