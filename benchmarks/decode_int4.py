@@ -24,6 +24,7 @@ from kvpack.attention import decode
 from kvpack.bench import attention as bench
 from kvpack.bench import harness
 from kvpack.cuda import decode as cuda_decode
+from kvpack.cuda import pasted
 from kvpack.triton.attention import default_config
 
 B, HQ, H, D = 8, 32, 8, 128
@@ -43,7 +44,7 @@ def _build(defines: dict[str, int]) -> None:
     @functools.cache
     def kernel(name: str, device_index: int):  # noqa: ANN202
         with cupy.cuda.Device(device_index):
-            return cupy.RawModule(code=cuda_decode.SOURCE.read_text(), options=options).get_function(name)
+            return cupy.RawModule(code=pasted(cuda_decode.SOURCE), options=options).get_function(name)
 
     cuda_decode._kernel = kernel
     cuda_decode.resident_per_sm.cache_clear()

@@ -56,6 +56,26 @@ def seed() -> int:
     return 0
 
 
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error of ``out`` against ``ref``, in float64."""
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def assert_rows_match(out: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      start: torch.Tensor | None, lengths: torch.Tensor | None, tolerance: float) -> None:
+    """Each batch row of a padded decode ``out`` against float32 attention over that row's own tokens
+    ``[start_b, lengths_b)`` of the dequantized ``keys``/``values``, its queries the last ``Lq``."""
+    from kvpack import reference
+
+    n, q_len = keys.shape[2], q.shape[2]
+    for b in range(q.shape[0]):
+        s = 0 if start is None else int(start[b])
+        e = n if lengths is None else int(lengths[b])
+        ref = reference.attention(q[b:b + 1], keys[b:b + 1, :, s:e], values[b:b + 1, :, s:e],
+                                  causal_offset=e - s - q_len)
+        assert rel_error(out[b:b + 1], ref) < tolerance, f"row {b}"
+
+
 def near_ties(rows: int = 16, cols: int = 16, seed: int = 0) -> torch.Tensor:
     """A float32 ``[1, rows, cols]`` tensor on which only exact float32 int8 arithmetic gets the codes right.
 

@@ -26,6 +26,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from conftest import assert_rows_match, rel_error  # noqa: E402
 from kvpack import reference  # noqa: E402
 from kvpack.attention import _store, decode, decode_attention, reference_decode  # noqa: E402
 from kvpack.cache import CACHE_PRESETS, QuantizedLayer  # noqa: E402
@@ -44,10 +45,6 @@ requires_kernel = pytest.mark.skipif(
 pytestmark = requires_kernel
 
 TOLERANCE = 1e-2
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((out.double() - ref.double()).norm() / ref.double().norm())
 
 
 def make_layer(
@@ -239,13 +236,7 @@ def test_padded_batch(padding: str, q_len: int) -> None:
     lengths = torch.tensor([n, 199, 260 if padding == "right" else 240]) if padding != "left" else None
     q = queries(layer, 8, q_len)
     out = decode(q, layer, start=start, lengths=lengths)
-    keys, values = layer.dequantized()
-    for b in range(3):
-        s = 0 if start is None else int(start[b])
-        e = n if lengths is None else int(lengths[b])
-        ref = reference.attention(q[b:b + 1], keys[b:b + 1, :, s:e], values[b:b + 1, :, s:e],
-                                  causal_offset=e - s - q_len)
-        assert rel_error(out[b:b + 1], ref) < TOLERANCE, f"row {b}"
+    assert_rows_match(out, q, *layer.dequantized(), start, lengths, TOLERANCE)
 
 
 def test_incremental_decoding_ignores_spare_capacity() -> None:
@@ -382,12 +373,7 @@ def test_gpu_padded_long_context(preset: str, q_len: int) -> None:
     lengths = torch.tensor([n, n, n - 5000, n - 1], device=DEVICE)
     q = queries(layer, 32, q_len)
     out = decode(q, layer, start=start, lengths=lengths)
-    keys, values = layer.dequantized()
-    for b in range(4):
-        s, e = int(start[b]), int(lengths[b])
-        ref = reference.attention(q[b:b + 1], keys[b:b + 1, :, s:e], values[b:b + 1, :, s:e],
-                                  causal_offset=e - s - q_len)
-        assert rel_error(out[b:b + 1], ref) < TOLERANCE, f"row {b}"
+    assert_rows_match(out, q, *layer.dequantized(), start, lengths, TOLERANCE)
 
 
 @requires_cuda

@@ -253,14 +253,14 @@ def layer_bytes(layer: QuantizedLayer) -> int:
 def _kernel_choice(q: torch.Tensor, layer: QuantizedLayer, triton: bool) -> tuple[KernelConfig | None, str]:
     """The config a kvpack row decodes with (None: the default path) and the kernel that runs."""
     from kvpack.attention import _store
-    from kvpack.cuda.decode import why_not
-    from kvpack.triton.attention import default_config
+    from kvpack.triton.attention import default_config, takes_cuda_kernel
 
     rows = q.shape[1] // layer.window_keys.shape[1] * q.shape[2]
+    config = default_config(q.shape[-1], layer.group, layer.key_scheme, layer.value_scheme, rows)
     if triton:
-        config = default_config(q.shape[-1], layer.group, layer.key_scheme, layer.value_scheme, rows)
         return replace(config, kernel="triton"), "Triton"
-    cuda = why_not(q, layer.key_scheme, layer.value_scheme, layer.group, rows, _store(layer)) is None
+    cuda = takes_cuda_kernel(q, _store(layer), layer.window_keys, layer.seq_length, layer.key_scheme,
+                             layer.value_scheme, layer.group, config)
     return None, "CUDA C" if cuda else "Triton"
 
 

@@ -59,8 +59,13 @@ def source(name: str) -> str:
     sees any change to it."""
     if name not in SOURCES:
         raise ValueError(f"unknown CUDA source {name!r}; choose one of: {', '.join(SOURCES)}")
-    text = (_DIR / f"{name}.cu").read_text()
-    return text.replace(_HEADER, (_DIR / "common.cuh").read_text(), 1)
+    return pasted(_DIR / f"{name}.cu")
+
+
+def pasted(path: Path) -> str:
+    """The text of the ``.cu`` file at ``path`` with ``common.cuh`` pasted in place of its ``#include``
+    (NVRTC is given no include path)."""
+    return path.read_text().replace(_HEADER, (_DIR / "common.cuh").read_text(), 1)
 
 
 def _cupy() -> Any:

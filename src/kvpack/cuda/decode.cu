@@ -45,9 +45,10 @@
 //
 // Offsets of a (batch row, head) slice are 64-bit; inside one slice 32-bit (the launcher checks).
 
+#include "common.cuh"
+
 typedef unsigned short u16;
 typedef unsigned int u32;
-typedef long long i64;
 
 #define TILE 64
 // One-warp programs per SM the register allocation must allow: 12 (168 registers, a few words of
@@ -110,25 +111,15 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return d;
 }
 
-__device__ __forceinline__ float half_to_float(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ float bf16_to_float(u16 h) { return __uint_as_float((u32)h << 16); }
-
-__device__ __forceinline__ u16 float_to_half(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
-__device__ __forceinline__ u16 float_to_bf16(float f) {
-    u16 h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
+// The query dtype's conversions (common.cuh): float16 or bfloat16.
+template <bool BF16>
+struct QueryType {
+    typedef f16_t type;
+};
+template <>
+struct QueryType<true> {
+    typedef bf16_t type;
+};
 
 __device__ __forceinline__ float exp2_approx(float x) {
     float y;
@@ -211,6 +202,7 @@ __device__ __forceinline__ void decode_int4(
     constexpr int RS = D + 16;       // shared row stride of the normalized query (bank-conflict free)
     typedef typename Bytes<KB>::type KRow;
     typedef typename Bytes<VB>::type VRow;
+    typedef typename QueryType<BF16>::type QT;
 
     __shared__ float qn_s[MAX_ROWS * RS];
     __shared__ float qmax_s[MAX_ROWS];
@@ -248,7 +240,7 @@ __device__ __forceinline__ void decode_int4(
 #pragma unroll
         for (int i = 0; i < D / 32; ++i) {
             const u16 raw = n < rows ? qrow[lane + 32 * i] : (u16)0;
-            x[n][i] = BF16 ? bf16_to_float(raw) : half_to_float(raw);
+            x[n][i] = QT::to_float(raw);
         }
     }
 #pragma unroll
@@ -279,6 +271,37 @@ __device__ __forceinline__ void decode_int4(
     float l0 = 0.0f, l1 = 0.0f;          // this lane's share of the softmax sums
     float z0 = 0.0f, z1 = 0.0f;          // this lane's share of sum p z_t
     float R = 0.0f;                      // the accumulator's unit: acc = sum p v / R
+
+    // Score fragment sc[j] holds tokens 8g+2j (entries 0, 1) and 8g+2j+1 (2, 3) of the tile at t0,
+    // for rows r0 (entries 0, 2) and r1 (1, 3). A split's tiles never cross its end hi except at
+    // the context's end, so [begin, hi) bounds the store's tiles and the window's alike.
+    auto mask = [&](float (&sc)[4][4], int t0) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int tok = t0 + 8 * g + 2 * j + e;
+                const bool ok = tok >= begin && tok < hi;
+                if (!(ok && tok <= qpos0)) sc[j][2 * e] = NEG_INF;
+                if (!(ok && tok <= qpos1)) sc[j][2 * e + 1] = NEG_INF;
+            }
+        }
+    };
+    // The rows' running maxima over one more tile, and the factors that rescale what came before.
+    auto advance_max = [&](const float (&sc)[4][4], float& alpha0, float& alpha1) {
+        float mx0 = m0, mx1 = m1;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][2]));
+            mx1 = fmaxf(mx1, fmaxf(sc[j][1], sc[j][3]));
+        }
+        mx0 = warp_max_g(mx0);
+        mx1 = warp_max_g(mx1);
+        alpha0 = exp2_approx(m0 - mx0);
+        alpha1 = exp2_approx(m1 - mx1);
+        m0 = mx0;
+        m1 = mx1;
+    };
     float acc[MT][4];  // out^T fragments: sum p' c, times 16 in m-tiles 4w+1 and 4w+3 (high nibbles)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
@@ -378,31 +401,11 @@ __device__ __forceinline__ void decode_int4(
             sc[j][3] = fmaf(sc[j][3], a1, c1);
         }
         const bool full = t0 >= begin && t0 + TILE - 1 <= end - lq;
-        if (!full) {
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int tok = t0 + 8 * g + 2 * j + e;
-                    const bool ok = tok >= begin && tok < end;
-                    if (!(ok && tok <= qpos0)) sc[j][2 * e] = NEG_INF;
-                    if (!(ok && tok <= qpos1)) sc[j][2 * e + 1] = NEG_INF;
-                }
-            }
-        }
+        if (!full) mask(sc, t0);
 
         // Online softmax, rows r0 and r1.
-        float mx0 = m0, mx1 = m1;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][2]));
-            mx1 = fmaxf(mx1, fmaxf(sc[j][1], sc[j][3]));
-        }
-        mx0 = warp_max_g(mx0);
-        mx1 = warp_max_g(mx1);
-        const float alpha0 = exp2_approx(m0 - mx0), alpha1 = exp2_approx(m1 - mx1);
-        m0 = mx0;
-        m1 = mx1;
+        float alpha0, alpha1;
+        advance_max(sc, alpha0, alpha1);
 
         // Value scales of this lane's tokens 8g .. 8g+7 (the score rows), and the tile's largest.
         const u32 sw[4] = {vsw.x, vsw.y, vsw.z, vsw.w}, zw[4] = {vzw.x, vzw.y, vzw.z, vzw.w};
@@ -410,10 +413,10 @@ __device__ __forceinline__ void decode_int4(
         float top = 0.0f;
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
-            vsc[2 * k] = half_to_float((u16)(sw[k] & 0xFFFF));
-            vsc[2 * k + 1] = half_to_float((u16)(sw[k] >> 16));
-            vzp[2 * k] = half_to_float((u16)(zw[k] & 0xFFFF));
-            vzp[2 * k + 1] = half_to_float((u16)(zw[k] >> 16));
+            vsc[2 * k] = half_bits_to_float((u16)(sw[k] & 0xFFFF));
+            vsc[2 * k + 1] = half_bits_to_float((u16)(sw[k] >> 16));
+            vzp[2 * k] = half_bits_to_float((u16)(zw[k] & 0xFFFF));
+            vzp[2 * k + 1] = half_bits_to_float((u16)(zw[k] >> 16));
             top = fmaxf(top, fmaxf(vsc[2 * k], vsc[2 * k + 1]));
         }
         top = warp_max_g(top);
@@ -531,27 +534,9 @@ __device__ __forceinline__ void decode_int4(
 #pragma unroll
                 for (int e = 0; e < 4; ++e) sc[j][e] *= qk_scale;
             }
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int tok = t0 + 8 * g + 2 * j + e;
-                    const bool ok = tok >= begin && tok < hi;
-                    if (!(ok && tok <= qpos0)) sc[j][2 * e] = NEG_INF;
-                    if (!(ok && tok <= qpos1)) sc[j][2 * e + 1] = NEG_INF;
-                }
-            }
-            float mx0 = m0, mx1 = m1;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                mx0 = fmaxf(mx0, fmaxf(sc[j][0], sc[j][2]));
-                mx1 = fmaxf(mx1, fmaxf(sc[j][1], sc[j][3]));
-            }
-            mx0 = warp_max_g(mx0);
-            mx1 = warp_max_g(mx1);
-            const float alpha0 = exp2_approx(m0 - mx0), alpha1 = exp2_approx(m1 - mx1);
-            m0 = mx0;
-            m1 = mx1;
+            mask(sc, t0);
+            float alpha0, alpha1;
+            advance_max(sc, alpha0, alpha1);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 acc[mt][0] *= alpha0;
@@ -621,7 +606,7 @@ __device__ __forceinline__ void decode_int4(
                 if (num_splits > 1) {
                     MidO[r * D + ch] = o;
                 } else {
-                    Out[b * sob + head * soh + qi * som + ch] = BF16 ? float_to_bf16(o) : float_to_half(o);
+                    Out[b * sob + head * soh + qi * som + ch] = QT::from_float(o);
                 }
             }
         }

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvpack.cuda import pasted
 from kvpack.schemes import Scheme
 
 SOURCE = Path(__file__).with_name("decode.cu")
@@ -83,7 +84,7 @@ def _kernel(name: str, device_index: int) -> Any:
     import cupy
 
     with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=SOURCE.read_text(), options=("-std=c++17",)).get_function(name)
+        return cupy.RawModule(code=pasted(SOURCE), options=("-std=c++17",)).get_function(name)
 
 
 def device_index(t: torch.Tensor) -> int:

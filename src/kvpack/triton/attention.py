@@ -977,11 +977,10 @@ def decode_attention(
     rows = hq // hkv * lq
     config = config or default_config(d, group, key_scheme, value_scheme, rows)
     store = (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
-    work = bsz * hkv * (num_quantized + num_window)
-    cuda = _use_cuda(config, q, key_scheme, value_scheme, group, rows, store, timeline, work)
+    tokens = num_quantized + num_window
+    cuda = takes_cuda_kernel(q, store, window_keys, tokens, key_scheme, value_scheme, group, config, timeline)
     block_m = config.block_m or max(MIN_BLOCK_M, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
     row_blocks = 1 if cuda else triton.cdiv(rows, block_m)
-    tokens = num_quantized + num_window
     block_n = cuda_decode.TILE if cuda else config.block_n
     if config.num_splits is None:
         per_sm = cuda_decode.resident_per_sm(d, q.dtype, cuda_decode.device_index(q)) if cuda else None
@@ -1017,13 +1016,18 @@ def decode_attention(
     return out
 
 
-def _use_cuda(config: KernelConfig, q: torch.Tensor, key_scheme: Scheme, value_scheme: Scheme, group: int,
-              rows: int, store: tuple[torch.Tensor | None, ...], timeline: torch.Tensor | None,
-              work: int) -> bool:
-    """Whether the CUDA C kernel (:mod:`kvpack.cuda.decode`) takes this call, per ``config.kernel``
-    (``auto``: where it applies and the call streams at least :data:`CUDA_MIN_WORK` token-heads)."""
-    if config.kernel == "triton" or (config.kernel == "auto" and work < CUDA_MIN_WORK):
+def takes_cuda_kernel(q: torch.Tensor, store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor,
+                      tokens: int, key_scheme: Scheme, value_scheme: Scheme, group: int,
+                      config: KernelConfig, timeline: torch.Tensor | None = None) -> bool:
+    """Whether :func:`decode_attention` runs the CUDA C kernel (:mod:`kvpack.cuda.decode`) for this call,
+    per ``config.kernel`` (``auto``: where it applies and the call streams at least
+    :data:`CUDA_MIN_WORK` token-heads; ``cuda`` where it cannot: a ValueError). ``store``: the key
+    codes, scale, zero, value codes, scale, zero; ``tokens``: quantized plus window tokens."""
+    bsz, hq, lq, _ = q.shape
+    hkv = window_keys.shape[1]
+    if config.kernel == "triton" or (config.kernel == "auto" and bsz * hkv * tokens < CUDA_MIN_WORK):
         return False
+    rows = hq // hkv * lq
     if timeline is not None:
         reason = "the timeline records the Triton kernel's programs"
     elif triton_interpreted():
