@@ -36,7 +36,7 @@ def _ints(text: str) -> list[int]:
 
 def _build(defines: dict[str, int]) -> None:
     """Make the CUDA kernel loader compile with these macros (``KVPACK_DECODE_MIN_BLOCKS``: programs per
-    SM the registers must allow; ``KVPACK_DECODE_PREFETCH``)."""
+    SM the registers must allow; ``KVPACK_DECODE_ASYNC``: 0 loads each tile into registers)."""
     import cupy
 
     options = ("-std=c++17", *(f"-D{k}={v}" for k, v in defines.items()))
@@ -44,7 +44,9 @@ def _build(defines: dict[str, int]) -> None:
     @functools.cache
     def kernel(name: str, device_index: int):  # noqa: ANN202
         with cupy.cuda.Device(device_index):
-            return cupy.RawModule(code=pasted(cuda_decode.SOURCE), options=options).get_function(name)
+            kernel = cupy.RawModule(code=pasted(cuda_decode.SOURCE), options=options).get_function(name)
+            cuda_decode.prefer_shared_memory(kernel)
+            return kernel
 
     cuda_decode._kernel = kernel
     cuda_decode.resident_per_sm.cache_clear()
@@ -75,6 +77,9 @@ def main() -> None:
     )
     p.add_argument(
         "--profile", action="store_true", help="kernel times of the default path under the profiler"
+    )
+    p.add_argument(
+        "--sync", action="store_true", help="also time builds loading tiles into registers (no cp.async)"
     )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -121,6 +126,11 @@ def main() -> None:
         variants = [("triton", replace(base, kernel="triton"), None)]
         variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}) for m in args.min_blocks]
         variants += [(f"cuda-splits{n}", replace(base, num_splits=n), {}) for n in args.splits]
+        if args.sync:
+            variants += [
+                (f"cuda-sync-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m, "KVPACK_DECODE_ASYNC": 0})
+                for m in args.min_blocks
+            ]
         for name, config, defines in variants:
             if defines is not None:
                 _build(defines)

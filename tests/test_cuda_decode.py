@@ -50,22 +50,27 @@ def test_source_compiles_without_warnings(arch: str, tmp_path: Path) -> None:
     ptx = (tmp_path / "out").read_text()
     entries = set(re.findall(r"\.visible \.entry (\w+)\(", ptx))
     assert entries == set(KERNELS)
-    # Codes into fragments: tensor-core products, in-register transposes, byte permutes, 16-byte loads.
+    # Codes into fragments: tensor-core products, in-register transposes, byte permutes, each tile
+    # copied into shared memory a tile ahead (16-byte asynchronous copies).
     for wanted in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
-                   "movmatrix.sync.aligned.m8n8.trans.b16", "prmt.b32", "lop3.b32", "ld.global.nc.v4.u32"):
+                   "movmatrix.sync.aligned.m8n8.trans.b16", "prmt.b32", "lop3.b32",
+                   "cp.async.cg.shared.global", "cp.async.wait_group 1"):
         assert wanted in ptx, wanted
 
 
 @requires_nvcc
 def test_sm90_build_fits_12_programs_per_sm(tmp_path: Path) -> None:
-    # At most 168 registers a thread (12 one-warp programs per SM), spilling at most a few words.
+    # At most 168 registers a thread and 12 x (shared + the 1 KB reserved per block) within an H100
+    # SM's 228 KB (12 one-warp programs per SM), spilling at most a few words.
     r = _nvcc(tmp_path, "--cubin", "-arch=sm_90", "-Xptxas", "-v")
     assert r.returncode == 0, r.stderr
     registers = [int(n) for n in re.findall(r"Used (\d+) registers", r.stderr)]
+    shared = [int(n) for n in re.findall(r"(\d+) bytes smem", r.stderr)]
     spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
-    assert len(registers) == len(spills) == len(KERNELS), r.stderr
+    assert len(registers) == len(shared) == len(spills) == len(KERNELS), r.stderr
     assert max(registers) <= 168 and all(int(a) <= 128 and int(b) <= 128 for a, b in spills), r.stderr
+    assert 12 * (max(shared) + 1024) <= 228 * 1024, r.stderr
 
 
 def _schemes(preset: str) -> tuple:

@@ -56,6 +56,12 @@ typedef unsigned int u32;
 #ifndef KVPACK_DECODE_MIN_BLOCKS
 #define KVPACK_DECODE_MIN_BLOCKS 12
 #endif
+// 1: each tile's bytes (codes, value scales, a new key group's scales) are copied into shared memory
+// by cp.async one tile ahead, while the tile before computes; 0: loaded into registers at the top of
+// the tile's iteration.
+#ifndef KVPACK_DECODE_ASYNC
+#define KVPACK_DECODE_ASYNC 1
+#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -97,6 +103,24 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     u32 d;
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
     return d;
+}
+
+// N bytes global -> shared without a register (sm_80): 16 through L2 only, 8 and 4 through L1.
+template <int N>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+    const u32 a = (u32)__cvta_generic_to_shared(smem);
+    if (N == 16) {
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem));
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(a), "l"(gmem), "n"(N));
+    }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
 __device__ __forceinline__ u32 pack_f16(float lo, float hi) {
@@ -204,8 +228,21 @@ __device__ __forceinline__ void decode_int4(
     typedef typename Bytes<VB>::type VRow;
     typedef typename QueryType<BF16>::type QT;
 
-    __shared__ float qn_s[MAX_ROWS * RS];
     __shared__ float qmax_s[MAX_ROWS];
+#if KVPACK_DECODE_ASYNC
+    // Two stages of one tile's bytes. Codes lane-major (lane l's 16-, 8- or 4-byte slots side by
+    // side: conflict-free), each lane copying and reading back only its own; then the tile's value
+    // scales and zeros (64 + 64 float16) and, when the tile starts a key group, the group's key scale
+    // and zero rows (D + D float16), copied by some lanes and read by all. The normalized query lives
+    // in stage 1 until the second tile's copy into it (the prologue is over by then).
+    constexpr int KSTAGE = 8 * 32 * KB, VSTAGE = 16 * 32 * VB, SSTAGE = KSTAGE + VSTAGE;
+    constexpr int GSTAGE = SSTAGE + 4 * TILE, STAGE = GSTAGE + 4 * D;
+    static_assert(MAX_ROWS * RS * 4 <= STAGE, "the query must fit in a stage");
+    __shared__ __align__(16) unsigned char stages[2][STAGE];
+    float* qn_s = reinterpret_cast<float*>(stages[1]);
+#else
+    __shared__ float qn_s[MAX_ROWS * RS];
+#endif
 
     const int lane = threadIdx.x;
     const int g = lane >> 2, t = lane & 3;
@@ -228,7 +265,26 @@ __device__ __forceinline__ void decode_int4(
     const u16* kz = KZ + b * sksb + h * sksh;
     const u16* vs = VS + b * svsb + h * svsh;
     const u16* vz = VZ + b * svsb + h * svsh;
-
+    // Tiles that fold a new key group's scales into the query: the split's first and each group's.
+    auto new_group = [&](int t0) { return t0 == lo || t0 % group == 0; };
+#if KVPACK_DECODE_ASYNC
+    auto issue_tile = [&](int t0, int st) {
+        unsigned char* s = stages[st];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) cp_async<KB>(s + u * 32 * KB + lane * KB, kc + (t0 + 8 * g + u) * NB + KB * t);
+#pragma unroll
+        for (int u = 0; u < 16; ++u)
+            cp_async<VB>(s + KSTAGE + u * 32 * VB + lane * VB, vc + (t0 + 16 * t + u) * NB + VB * g);
+        if (lane < 16) cp_async<16>(s + SSTAGE + 16 * lane, (lane < 8 ? vs : vz) + t0 + 8 * (lane & 7));
+        if (new_group(t0) && lane < D / 4) {  // D / 8 chunks of 16 bytes per row
+            const i64 row = (i64)(t0 / group) * D;
+            cp_async<16>(s + GSTAGE + 16 * lane, (lane < D / 8 ? ks : kz) + row + 8 * (lane % (D / 8)));
+        }
+    };
+    if (lo < q_hi) issue_tile(lo, 0);  // the first tile's bytes travel while the query is read
+    cp_async_commit();
+    int stage = 0;
+#endif
 
     // The query rows, normalized by their max |q|, into shared memory: element (n, c) with
     // c = CPT t + i at n RS + (i / 4) 16 + 4 t + i % 4, so that lane (g, t) reads its channels as
@@ -332,14 +388,33 @@ __device__ __forceinline__ void decode_int4(
         qn[i / 4 + 1][0] = pack_f16(u.z, v.z);
         qn[i / 4 + 1][1] = pack_f16(u.w, v.w);
     }
+#if KVPACK_DECODE_ASYNC
+    __syncwarp();  // every lane's reads of the query done before stage 1 is overwritten
+#endif
     const float a0 = qmax0 * qk_scale, a1 = qmax1 * qk_scale;  // score = mma a + c, rows r0, r1
     u32 qs[KSTEPS][2];  // qn times this key group's scales
     float c0 = 0.0f, c1 = 0.0f;
-    int krow = -1;
 
     for (int t0 = lo; t0 < q_hi; t0 += TILE) {
         KRow kw[8];
         VRow vw[16];
+#if KVPACK_DECODE_ASYNC
+        __syncwarp();  // every lane done with the stage the next tile's copies overwrite
+        if (t0 + TILE < q_hi) issue_tile(t0 + TILE, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // this lane's copies of this tile have landed
+        __syncwarp();        // and every other lane's
+        const unsigned char* s = stages[stage];
+        stage ^= 1;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) kw[u] = *reinterpret_cast<const KRow*>(s + u * 32 * KB + lane * KB);
+#pragma unroll
+        for (int u = 0; u < 16; ++u) vw[u] = *reinterpret_cast<const VRow*>(s + KSTAGE + u * 32 * VB + lane * VB);
+        const uint4 vsw = *reinterpret_cast<const uint4*>(s + SSTAGE + 16 * g);
+        const uint4 vzw = *reinterpret_cast<const uint4*>(s + SSTAGE + 128 + 16 * g);
+        const u16* sr = reinterpret_cast<const u16*>(s + GSTAGE) + CPT * t;
+        const u16* zr = sr + D;
+#else
 #pragma unroll
         for (int u = 0; u < 8; ++u)
             kw[u] = *reinterpret_cast<const KRow*>(kc + (t0 + 8 * g + u) * NB + KB * t);
@@ -348,11 +423,11 @@ __device__ __forceinline__ void decode_int4(
             vw[u] = *reinterpret_cast<const VRow*>(vc + (t0 + 16 * t + u) * NB + VB * g);
         const uint4 vsw = *reinterpret_cast<const uint4*>(vs + t0 + 8 * g);
         const uint4 vzw = *reinterpret_cast<const uint4*>(vz + t0 + 8 * g);
+        const u16* sr = ks + (i64)(t0 / group) * D + CPT * t;
+        const u16* zr = kz + (i64)(t0 / group) * D + CPT * t;
+#endif
 
-        if (t0 / group != krow) {  // a new key group: fold its scales into the query
-            krow = t0 / group;
-            const u16* sr = ks + (i64)krow * D + CPT * t;
-            const u16* zr = kz + (i64)krow * D + CPT * t;
+        if (new_group(t0)) {  // a new key group: fold its scales into the query
             // c: q.(z + 8 s) from the tensor cores (the centred zero points as an A operand whose
             // rows are alike), since k = s c + z = s (c - 8) + (z + 8 s).
             float kb[4] = {0.0f, 0.0f, 0.0f, 0.0f};

@@ -2,8 +2,9 @@
 
 Triton cannot place loaded data in a tensor-core operand's register layout: the packed int4 codes
 of its decode kernel go through shared memory to get there, and that traffic, not DRAM, bounds it
-(about 1,230 instructions per 32-token tile on sm_90). ``decode.cu`` loads the codes straight into
-mma fragments (about 980 instructions per 64-token tile, the key group's scale folding included), for
+(about 1,230 instructions per 32-token tile on sm_90). ``decode.cu`` moves the codes into mma
+fragments with no layout change (about 1,250 instructions per 64-token tile, the key group's scale
+folding included; each tile copied into shared memory by ``cp.async`` while the one before computes), for
 the layout ``kvpack.cache`` stores for the ``int4`` preset: keys ``int4-channel-gG`` (``G`` a multiple
 of 64), values ``int4-token``, head dim 64 or 128, at most 8 query rows per KV head (GQA heads times
 new tokens). :func:`why_not` says why a call does not qualify;
@@ -37,6 +38,7 @@ _NAMES = {(d, dt): f"decode_int4_d{d}_{'bf16' if dt == torch.bfloat16 else 'f16'
           for d in HEAD_DIMS for dt in (torch.float16, torch.bfloat16)}
 _REGISTERS_PER_SM = 65536
 _MAX_BLOCKS_PER_SM = 32
+_SHARED_RESERVED_PER_BLOCK = 1024
 
 
 @functools.cache
@@ -84,7 +86,15 @@ def _kernel(name: str, device_index: int) -> Any:
     import cupy
 
     with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=pasted(SOURCE), options=("-std=c++17",)).get_function(name)
+        kernel = cupy.RawModule(code=pasted(SOURCE), options=("-std=c++17",)).get_function(name)
+        prefer_shared_memory(kernel)
+        return kernel
+
+
+def prefer_shared_memory(kernel: Any) -> None:
+    """Ask for the largest shared-memory carveout: 12 programs, each with two stages of about 9 KB, need
+    more than the default split of the SM's L1 gives."""
+    kernel.preferred_shared_memory_carveout = 100
 
 
 def device_index(t: torch.Tensor) -> int:
@@ -95,10 +105,13 @@ def device_index(t: torch.Tensor) -> int:
 @functools.cache
 def resident_per_sm(d: int, dtype: torch.dtype, device_index: int) -> int:
     """One-warp programs one SM holds at once, from the compiled kernel's registers (allocated per warp
-    in units of 256)."""
-    regs = _kernel(_NAMES[(d, dtype)], device_index).attributes["num_regs"]
-    per_warp = math.ceil(regs * 32 / 256) * 256
-    return max(1, min(_MAX_BLOCKS_PER_SM, _REGISTERS_PER_SM // per_warp))
+    in units of 256) and shared memory (plus the 1 KB the hardware reserves per block)."""
+    attributes = _kernel(_NAMES[(d, dtype)], device_index).attributes
+    per_warp = math.ceil(attributes["num_regs"] * 32 / 256) * 256
+    props = torch.cuda.get_device_properties(device_index)
+    shared = getattr(props, "shared_memory_per_multiprocessor", props.shared_memory_per_block_optin)
+    by_shared = shared // (attributes["shared_size_bytes"] + _SHARED_RESERVED_PER_BLOCK)
+    return max(1, min(_MAX_BLOCKS_PER_SM, _REGISTERS_PER_SM // per_warp, by_shared))
 
 
 def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch.Tensor,
