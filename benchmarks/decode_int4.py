@@ -34,22 +34,63 @@ def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+_MODULES: dict = {}  # the last build's CuPy modules by (kernel, device)
+
+
 def _build(defines: dict[str, int]) -> None:
     """Make the CUDA kernel loader compile with these macros (``KVPACK_DECODE_MIN_BLOCKS``: programs per
-    SM the registers must allow; ``KVPACK_DECODE_ASYNC``: 0 loads each tile into registers)."""
+    SM the registers must allow; ``KVPACK_DECODE_ASYNC``: 0 loads each tile into registers;
+    ``KVPACK_DECODE_TIMELINE``: each program's timestamps)."""
     import cupy
 
     options = ("-std=c++17", *(f"-D{k}={v}" for k, v in defines.items()))
+    _MODULES.clear()
 
     @functools.cache
     def kernel(name: str, device_index: int):  # noqa: ANN202
         with cupy.cuda.Device(device_index):
-            kernel = cupy.RawModule(code=pasted(cuda_decode.SOURCE), options=options).get_function(name)
+            module = cupy.RawModule(code=pasted(cuda_decode.SOURCE), options=options)
+            _MODULES[(name, device_index)] = module
+            kernel = module.get_function(name)
             cuda_decode.prefer_shared_memory(kernel)
             return kernel
 
     cuda_decode._kernel = kernel
     cuda_decode.resident_per_sm.cache_clear()
+
+
+def timeline(call, ctx: int) -> dict:  # noqa: ANN001
+    """One call of a timeline build: per program its start, prologue end, loop end and end (us from the
+    first start) and SM; prints their spread."""
+    import numpy as np
+
+    _build({"KVPACK_DECODE_TIMELINE": 1})
+    call()
+    torch.cuda.synchronize()
+    call()
+    torch.cuda.synchronize()
+    (module,) = _MODULES.values()
+    import cupy
+
+    stamps = cupy.ndarray((5 * 16384,), dtype=cupy.uint64, memptr=module.get_global("kvpack_timeline"))
+    raw = stamps.get().reshape(-1, 5)
+    raw = raw[raw[:, 0] != 0]  # the programs of the grid (the global starts zeroed)
+    n = len(raw)
+    t = (raw[:, :4].astype(np.int64) - int(raw[:, 0].min())) / 1e3
+    sm = raw[:, 4].astype(np.int64)
+    per_sm = np.bincount(sm)
+    q = lambda x: " ".join(f"{v:6.1f}" for v in np.percentile(x, [0, 10, 50, 90, 100]))  # noqa: E731
+    print(f"{ctx:>7} timeline {n} programs on {np.count_nonzero(per_sm)} SMs, "
+          f"{per_sm.min()}-{per_sm.max()} per SM (us: min p10 p50 p90 max)")
+    for name, x in [("start", t[:, 0]), ("prologue", t[:, 1] - t[:, 0]), ("tiles", t[:, 2] - t[:, 1]),
+                    ("finish", t[:, 3] - t[:, 2]), ("end", t[:, 3])]:
+        print(f"{ctx:>7} timeline {name:<9} {q(x)}")
+    crowded = per_sm[sm] == per_sm.max()
+    print(f"{ctx:>7} timeline end on SMs with {per_sm.max()}: {q(t[crowded, 3])}; others: "
+          f"{q(t[~crowded, 3]) if (~crowded).any() else '-'}")
+    _build({})
+    return dict(context=ctx, programs=n, start=t[:, 0].tolist(), prologue_end=t[:, 1].tolist(),
+                tiles_end=t[:, 2].tolist(), end=t[:, 3].tolist(), sm=sm.tolist())
 
 
 def profile(call, ctx: int) -> None:  # noqa: ANN001
@@ -81,6 +122,9 @@ def main() -> None:
     p.add_argument(
         "--sync", action="store_true", help="also time builds loading tiles into registers (no cp.async)"
     )
+    p.add_argument(
+        "--timeline", action="store_true", help="each program's timestamps in one call of the default path"
+    )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -97,7 +141,7 @@ def main() -> None:
         samples, _ = harness.time_graph(fn, inputs, args.repeats)  # per call
         return harness.median(samples) * 1e3
 
-    rows = []
+    rows, timelines = [], []
     g = torch.Generator(device=dev).manual_seed(1)
     q = torch.randn(B, HQ, 1, D, generator=g, device=dev, dtype=torch.float16)
     for ctx in args.contexts:
@@ -158,10 +202,12 @@ def main() -> None:
         if args.profile:
             _build({})
             profile(functools.partial(decode, q, first), ctx)
+        if args.timeline:
+            timelines.append(timeline(functools.partial(decode, q, first), ctx))
         del layers, first
         torch.cuda.empty_cache()
     out = Path(args.out) / "decode_int4.json"
-    out.write_text(json.dumps(dict(harness.environment(dev), copy_gbps=copy, rows=rows), indent=1))
+    out.write_text(json.dumps(dict(harness.environment(dev), copy_gbps=copy, rows=rows, timelines=timelines)))
     print(f"wrote {out}")
 
 

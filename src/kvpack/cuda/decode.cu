@@ -62,6 +62,28 @@ typedef unsigned int u32;
 #ifndef KVPACK_DECODE_ASYNC
 #define KVPACK_DECODE_ASYNC 1
 #endif
+// Profiling builds only (benchmarks/decode_int4.py --timeline): each program's start, end of its
+// prologue, end of its store's tiles and end (ns, %globaltimer) and its SM, in a module global.
+#ifdef KVPACK_DECODE_TIMELINE
+#define TIMELINE_PROGRAMS 16384
+__device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
+#define TIMELINE_MARK(i)                                                                         \
+    do {                                                                                         \
+        const unsigned p = blockIdx.y * gridDim.x + blockIdx.x;                                  \
+        if (threadIdx.x == 0 && p < TIMELINE_PROGRAMS) {                                         \
+            unsigned long long now;                                                              \
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));                              \
+            kvpack_timeline[5 * p + (i)] = now;                                                  \
+            if ((i) == 0) {                                                                      \
+                unsigned sm;                                                                     \
+                asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));                                  \
+                kvpack_timeline[5 * p + 4] = sm;                                                 \
+            }                                                                                    \
+        }                                                                                        \
+    } while (0)
+#else
+#define TIMELINE_MARK(i)
+#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -244,6 +266,7 @@ __device__ __forceinline__ void decode_int4(
     __shared__ float qn_s[MAX_ROWS * RS];
 #endif
 
+    TIMELINE_MARK(0);
     const int lane = threadIdx.x;
     const int g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.x, split = blockIdx.y;
@@ -395,6 +418,7 @@ __device__ __forceinline__ void decode_int4(
     u32 qs[KSTEPS][2];  // qn times this key group's scales
     float c0 = 0.0f, c1 = 0.0f;
 
+    TIMELINE_MARK(1);
     for (int t0 = lo; t0 < q_hi; t0 += TILE) {
         KRow kw[8];
         VRow vw[16];
@@ -560,6 +584,8 @@ __device__ __forceinline__ void decode_int4(
         }
     }
 
+    TIMELINE_MARK(2);
+
     // The window: full-precision keys and values in the query dtype, same fragment slots.
     const int w_lo = max(lo, n_quant);
     if (w_lo < hi) {
@@ -687,6 +713,7 @@ __device__ __forceinline__ void decode_int4(
         }
         if (num_splits > 1 && g == 0) MidL[r] = ll > 0.0f ? mm + __log2f(ll) : NEG_INF;
     }
+    TIMELINE_MARK(3);
 }
 
 #define KVPACK_DECODE_INT4(NAME, D, BF16)                                                        \
