@@ -245,25 +245,18 @@ __device__ __forceinline__ void decode_int4(
     constexpr int VB = D / 16;       // value bytes per lane per token
     constexpr int VW = VB / 4 > 0 ? VB / 4 : 1;  // value words per lane per token
     constexpr int MT = D / 16;       // m-tiles of the value product (16 channels each)
-    constexpr int RS = D + 16;       // shared row stride of the normalized query (bank-conflict free)
     typedef typename Bytes<KB>::type KRow;
     typedef typename Bytes<VB>::type VRow;
     typedef typename QueryType<BF16>::type QT;
 
-    __shared__ float qmax_s[MAX_ROWS];
 #if KVPACK_DECODE_ASYNC
     // Two stages of one tile's bytes. Codes lane-major (lane l's 16-, 8- or 4-byte slots side by
     // side: conflict-free), each lane copying and reading back only its own; then the tile's value
     // scales and zeros (64 + 64 float16) and, when the tile starts a key group, the group's key scale
-    // and zero rows (D + D float16), copied by some lanes and read by all. The normalized query lives
-    // in stage 1 until the second tile's copy into it (the prologue is over by then).
+    // and zero rows (D + D float16), copied by some lanes and read by all.
     constexpr int KSTAGE = 8 * 32 * KB, VSTAGE = 16 * 32 * VB, SSTAGE = KSTAGE + VSTAGE;
     constexpr int GSTAGE = SSTAGE + 4 * TILE, STAGE = GSTAGE + 4 * D;
-    static_assert(MAX_ROWS * RS * 4 <= STAGE, "the query must fit in a stage");
     __shared__ __align__(16) unsigned char stages[2][STAGE];
-    float* qn_s = reinterpret_cast<float*>(stages[1]);
-#else
-    __shared__ float qn_s[MAX_ROWS * RS];
 #endif
 
     TIMELINE_MARK(0);
@@ -309,40 +302,57 @@ __device__ __forceinline__ void decode_int4(
     int stage = 0;
 #endif
 
-    // The query rows, normalized by their max |q|, into shared memory: element (n, c) with
-    // c = CPT t + i at n RS + (i / 4) 16 + 4 t + i % 4, so that lane (g, t) reads its channels as
-    // float4s without bank conflicts.
-    float x[MAX_ROWS][D / 32];  // every row's loads issued before any reduction waits on them
+    // The query, as B fragments: lane (g, t) holds row g's channels CPT t .. CPT t + CPT - 1 (the key
+    // slots' channels, see the header), read straight from global memory (16 bytes at a time where
+    // aligned) and normalized by the row's max |q| (over the four lanes of the row).
+    float xq[CPT];
+    {
+        u32 raw[CPT / 2];
 #pragma unroll
-    for (int n = 0; n < MAX_ROWS; ++n) {
-        const u16* qrow = Q + b * sqb + (h * rep + n / lq) * sqh + (i64)(n % lq) * sqm;
+        for (int i = 0; i < CPT / 2; ++i) raw[i] = 0u;
+        if (g < rows) {
+            const u16* qrow = Q + b * sqb + (h * rep + g / lq) * sqh + (i64)(g % lq) * sqm + CPT * t;
+            if ((reinterpret_cast<unsigned long long>(qrow) & 15) == 0) {
 #pragma unroll
-        for (int i = 0; i < D / 32; ++i) {
-            const u16 raw = n < rows ? qrow[lane + 32 * i] : (u16)0;
-            x[n][i] = QT::to_float(raw);
+                for (int i = 0; i < CPT / 8; ++i) {
+                    const uint4 v = reinterpret_cast<const uint4*>(qrow)[i];
+                    raw[4 * i] = v.x;
+                    raw[4 * i + 1] = v.y;
+                    raw[4 * i + 2] = v.z;
+                    raw[4 * i + 3] = v.w;
+                }
+            } else {
+#pragma unroll
+                for (int i = 0; i < CPT / 2; ++i) raw[i] = (u32)qrow[2 * i] | (u32)qrow[2 * i + 1] << 16;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < CPT / 2; ++i) {
+            xq[2 * i] = QT::to_float((u16)(raw[i] & 0xFFFFu));
+            xq[2 * i + 1] = QT::to_float((u16)(raw[i] >> 16));
         }
     }
+    float qmax = 0.0f;
 #pragma unroll
-    for (int n = 0; n < MAX_ROWS; ++n) {
-        float mx = 0.0f;
+    for (int i = 0; i < CPT; ++i) qmax = fmaxf(qmax, fabsf(xq[i]));
+    qmax = fmaxf(qmax, __shfl_xor_sync(0xffffffffu, qmax, 1));
+    qmax = fmaxf(qmax, __shfl_xor_sync(0xffffffffu, qmax, 2));
+    qmax = qmax > 0.0f ? qmax : 1.0f;
+    const float qinv = __frcp_rn(qmax);
+    // qn[st][0] = channels (base, base + 4), qn[st][1] = (base + 1, base + 5), base = 8 (st >> 1) +
+    // 2 (st & 1), of this lane's CPT.
+    u32 qn[KSTEPS][2];
 #pragma unroll
-        for (int i = 0; i < D / 32; ++i) mx = fmaxf(mx, fabsf(x[n][i]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        mx = warp_max_g(mx);
-        mx = mx > 0.0f ? mx : 1.0f;
-#pragma unroll
-        for (int i = 0; i < D / 32; ++i) {
-            const int c = lane + 32 * i, tt = c / CPT, ii = c % CPT;
-            qn_s[n * RS + (ii / 4) * 16 + 4 * tt + ii % 4] = __fdiv_rn(x[n][i], mx);
-        }
-        if (lane == 0) qmax_s[n] = mx;
+    for (int i = 0; i < CPT; i += 8) {
+        qn[i / 4][0] = pack_f16(xq[i] * qinv, xq[i + 4] * qinv);
+        qn[i / 4][1] = pack_f16(xq[i + 1] * qinv, xq[i + 5] * qinv);
+        qn[i / 4 + 1][0] = pack_f16(xq[i + 2] * qinv, xq[i + 6] * qinv);
+        qn[i / 4 + 1][1] = pack_f16(xq[i + 3] * qinv, xq[i + 7] * qinv);
     }
-    __syncwarp();
 
     // Rows 2t and 2t+1 are this lane's columns of every score and output fragment.
     const int r0 = 2 * t, r1 = 2 * t + 1;
-    const float qmax0 = qmax_s[r0], qmax1 = qmax_s[r1];
+    const float qmax0 = __shfl_sync(0xffffffffu, qmax, 4 * r0), qmax1 = __shfl_sync(0xffffffffu, qmax, 4 * r1);
     const int qpos0 = r0 < rows ? end - lq + r0 % lq : -1;
     const int qpos1 = r1 < rows ? end - lq + r1 % lq : -1;
 
@@ -398,22 +408,6 @@ __device__ __forceinline__ void decode_int4(
         settled = true;
     };
 
-    // The query as float16 B fragments, pairs in the key slots' channel order (see the header):
-    // qn[st][0] = channels (base, base + 4), qn[st][1] = (base + 1, base + 5),
-    // base = 8 (st >> 1) + 2 (st & 1).
-    u32 qn[KSTEPS][2];
-#pragma unroll
-    for (int i = 0; i < CPT; i += 8) {
-        const float4 u = *reinterpret_cast<const float4*>(&qn_s[g * RS + (i / 4) * 16 + 4 * t]);
-        const float4 v = *reinterpret_cast<const float4*>(&qn_s[g * RS + (i / 4 + 1) * 16 + 4 * t]);
-        qn[i / 4][0] = pack_f16(u.x, v.x);
-        qn[i / 4][1] = pack_f16(u.y, v.y);
-        qn[i / 4 + 1][0] = pack_f16(u.z, v.z);
-        qn[i / 4 + 1][1] = pack_f16(u.w, v.w);
-    }
-#if KVPACK_DECODE_ASYNC
-    __syncwarp();  // every lane's reads of the query done before stage 1 is overwritten
-#endif
     const float a0 = qmax0 * qk_scale, a1 = qmax1 * qk_scale;  // score = mma a + c, rows r0, r1
     u32 qs[KSTEPS][2];  // qn times this key group's scales
     float c0 = 0.0f, c1 = 0.0f;
