@@ -132,17 +132,17 @@ template <int N>
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
     const u32 a = (u32)__cvta_generic_to_shared(smem);
     if (N == 16) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem) : "memory");
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem));
     } else {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(a), "l"(gmem), "n"(N) : "memory");
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(a), "l"(gmem), "n"(N));
     }
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
 }
 
 __device__ __forceinline__ u32 pack_f16(float lo, float hi) {
@@ -297,6 +297,8 @@ __device__ __forceinline__ void decode_int4(
             cp_async<16>(s + GSTAGE + 16 * lane, (lane < D / 8 ? ks : kz) + row + 8 * (lane % (D / 8)));
         }
     };
+    if (lo < q_hi) issue_tile(lo, 0);  // the first tile's bytes travel while the query is read
+    cp_async_commit();
     int stage = 0;
 #endif
 
@@ -324,13 +326,6 @@ __device__ __forceinline__ void decode_int4(
                 for (int i = 0; i < CPT / 2; ++i) raw[i] = (u32)qrow[2 * i] | (u32)qrow[2 * i + 1] << 16;
             }
         }
-#if KVPACK_DECODE_ASYNC
-        // The first two tiles' bytes (one group of copies each) travel while the query is prepared.
-        if (lo < q_hi) issue_tile(lo, 0);
-        cp_async_commit();
-        if (lo + TILE < q_hi) issue_tile(lo + TILE, 1);
-        cp_async_commit();
-#endif
 #pragma unroll
         for (int i = 0; i < CPT / 2; ++i) {
             xq[2 * i] = QT::to_float((u16)(raw[i] & 0xFFFFu));
@@ -422,11 +417,13 @@ __device__ __forceinline__ void decode_int4(
         KRow kw[8];
         VRow vw[16];
 #if KVPACK_DECODE_ASYNC
-        // Groups in flight: this tile's and the next's. Once this tile's bytes are in registers (and
-        // a new key group folded), the tile after next is copied into the same stage.
+        __syncwarp();  // every lane done with the stage the next tile's copies overwrite
+        if (t0 + TILE < q_hi) issue_tile(t0 + TILE, stage ^ 1);
+        cp_async_commit();
         cp_async_wait<1>();  // this lane's copies of this tile have landed
         __syncwarp();        // and every other lane's
         const unsigned char* s = stages[stage];
+        stage ^= 1;
 #pragma unroll
         for (int u = 0; u < 8; ++u) kw[u] = *reinterpret_cast<const KRow*>(s + u * 32 * KB + lane * KB);
 #pragma unroll
@@ -474,12 +471,6 @@ __device__ __forceinline__ void decode_int4(
             c0 = kb[0] * a0;
             c1 = kb[1] * a1;
         }
-#if KVPACK_DECODE_ASYNC
-        __syncwarp();  // every lane's reads of this stage done before it is refilled
-        if (t0 + 2 * TILE < q_hi) issue_tile(t0 + 2 * TILE, stage);
-        cp_async_commit();  // one group per tile, empty at the end, so that wait_group 1 stays right
-        stage ^= 1;
-#endif
 
         // Scores: block j, fragment rows g (token 8g+2j) and g+8 (token 8g+2j+1), columns r0, r1.
         float sc[4][4];
