@@ -39,7 +39,8 @@ _MODULES: dict = {}  # the last build's CuPy modules by (kernel, device)
 
 def _build(defines: dict[str, int]) -> None:
     """Make the CUDA kernel loader compile with these macros (``KVPACK_DECODE_MIN_BLOCKS``: programs per
-    SM the registers must allow; ``KVPACK_DECODE_TIMELINE``: each warp's timestamps)."""
+    SM the registers must allow; ``KVPACK_DECODE_ASYNC``: 0 loads each tile into registers;
+    ``KVPACK_DECODE_TIMELINE``: each program's timestamps)."""
     import cupy
 
     options = ("-std=c++17", *(f"-D{k}={v}" for k, v in defines.items()))
@@ -119,7 +120,7 @@ def main() -> None:
         "--profile", action="store_true", help="kernel times of the default path under the profiler"
     )
     p.add_argument(
-        "--warps", type=_ints, default=[1], help="also time CTAs of these many warps (1: one-warp programs)"
+        "--sync", action="store_true", help="also time builds loading tiles into registers (no cp.async)"
     )
     p.add_argument(
         "--timeline", action="store_true", help="each program's timestamps in one call of the default path"
@@ -169,7 +170,11 @@ def main() -> None:
         variants = [("triton", replace(base, kernel="triton"), None)]
         variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}) for m in args.min_blocks]
         variants += [(f"cuda-splits{n}", replace(base, num_splits=n), {}) for n in args.splits]
-        variants += [(f"cuda-warps{w}", replace(base, cuda_warps=w), {}) for w in args.warps]
+        if args.sync:
+            variants += [
+                (f"cuda-sync-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m, "KVPACK_DECODE_ASYNC": 0})
+                for m in args.min_blocks
+            ]
         for name, config, defines in variants:
             if defines is not None:
                 _build(defines)

@@ -122,11 +122,8 @@ def run(q: torch.Tensor, layer: QuantizedLayer, kernel: str, **kw: object) -> to
 
     rows = q.shape[1] // layer.window_keys.shape[1] * q.shape[2]
     config = default_config(q.shape[-1], layer.group, layer.key_scheme, layer.value_scheme, rows)
-    splits, warps = kw.pop("splits", None), kw.pop("warps", None)
-    if warps == "pool":  # one CTA of as many warps as an SM holds
-        warps = cuda_decode.pool_warps(q.shape[-1], q.dtype, cuda_decode.device_index(q))
-    config = type(config)(**{**config.__dict__, "kernel": kernel, "num_splits": splits,
-                             "cuda_warps": warps if kernel == "cuda" else None})
+    splits = kw.pop("splits", None)
+    config = type(config)(**{**config.__dict__, "kernel": kernel, "num_splits": splits})
     return decode(q, layer, config=config, **kw)
 
 
@@ -156,23 +153,20 @@ SHAPES = [
 
 @requires_cuda_kernel
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [None, 1, 3, "pool"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("tokens,residual,q_heads,kv_heads,q_len,head_dim", SHAPES)
 def test_matches_reference(tokens: int, residual: int, q_heads: int, kv_heads: int, q_len: int, head_dim: int,
-                           dtype: torch.dtype, warps: int | str | None) -> None:
-    # warps: the default grid, one-warp programs, CTAs of 3 and of an SM's worth of warps sharing tiles.
+                           dtype: torch.dtype) -> None:
     layer = make_layer(tokens=tokens, residual=residual, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
-    check(queries(layer, q_heads, q_len), layer, warps=warps)
+    check(queries(layer, q_heads, q_len), layer)
 
 
 @requires_cuda_kernel
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [1, "pool"])
 @pytest.mark.parametrize("splits", [1, 2, 7, 64])
-def test_forced_splits(splits: int, warps: int | str) -> None:
+def test_forced_splits(splits: int) -> None:
     layer = make_layer(tokens=5000 + 17, kv_heads=2)
-    check(queries(layer, 8, 1), layer, splits=splits, warps=warps)
+    check(queries(layer, 8, 1), layer, splits=splits)
 
 
 @requires_cuda_kernel
@@ -184,30 +178,28 @@ def test_groups_of_128_tokens_and_softmax_scale() -> None:
 
 @requires_cuda_kernel
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [1, "pool"])
 @pytest.mark.parametrize("q_len", [1, 2])
-def test_padded_batch(q_len: int, warps: int | str) -> None:
+def test_padded_batch(q_len: int) -> None:
     layer = make_layer(batch=4, tokens=3000, dtype=torch.bfloat16)
     n = layer.seq_length
     start = torch.tensor([0, 1000, 17, 2900], device="cuda")
     lengths = torch.tensor([n, n - 40, n - 1500, n - 1], device="cuda")
     q = queries(layer, 8, q_len)
-    out = run(q, layer, "cuda", start=start, lengths=lengths, warps=warps)
+    out = run(q, layer, "cuda", start=start, lengths=lengths)
     assert_rows_match(out, q, *layer.dequantized(), start, lengths, TOLERANCE)
 
 
 @requires_cuda_kernel
 @pytest.mark.gpu
-@pytest.mark.parametrize("warps", [1, "pool"])
-def test_zero_values_and_huge_scales(warps: int | str) -> None:
+def test_zero_values_and_huge_scales() -> None:
     # All-zero values: every value scale is 0 (no NaN from the accumulator's 1 / R). Then values near
     # float16's largest: the folded weights stay in range.
     zero = make_layer(tokens=900, values_scale=0.0)
     q = queries(zero, 8, 1)
-    out = run(q, zero, "cuda", warps=warps)
+    out = run(q, zero, "cuda")
     assert torch.isfinite(out).all() and out.abs().max() == 0
     big = make_layer(tokens=900, values_scale=8000.0)
-    check(queries(big, 8, 1), big, warps=warps)
+    check(queries(big, 8, 1), big)
 
 
 @requires_cuda_kernel
@@ -235,23 +227,6 @@ def test_default_path_takes_the_cuda_kernel_for_large_calls(monkeypatch: pytest.
     keys, values = big.dequantized()
     ref = reference.attention(q, keys, values, causal_offset=big.seq_length - 1)
     assert rel_error(out, ref) < TOLERANCE
-
-
-@requires_cuda_kernel
-@pytest.mark.gpu
-def test_grid_shares_tiles_where_each_warp_gets_enough() -> None:
-    from kvpack.triton.attention import POOL_MIN_TILES, KernelConfig, cuda_grid
-
-    q = torch.empty(8, 32, 1, 128, device="cuda", dtype=torch.float16)
-    most = cuda_decode.pool_warps(128, q.dtype, cuda_decode.device_index(q))
-    assert most >= 4  # an H100 holds 12
-    warps, splits, chunk = cuda_grid(q, 8, 32768, KernelConfig(kernel="cuda"))
-    assert warps == most and chunk >= POOL_MIN_TILES * most * cuda_decode.TILE and splits * chunk >= 32768
-    warps, splits, chunk = cuda_grid(q[:1], 8, 4096, KernelConfig(kernel="cuda"))
-    assert warps == 1 and splits * chunk >= 4096
-    assert cuda_grid(q, 8, 32768, KernelConfig(kernel="cuda", cuda_warps=3, num_splits=5))[:2] == (3, 5)
-    with pytest.raises(ValueError, match="at most"):
-        cuda_grid(q, 8, 32768, KernelConfig(kernel="cuda", cuda_warps=most + 1))
 
 
 @requires_cuda_kernel

@@ -56,6 +56,12 @@ typedef unsigned int u32;
 #ifndef KVPACK_DECODE_MIN_BLOCKS
 #define KVPACK_DECODE_MIN_BLOCKS 12
 #endif
+// 1: each tile's bytes (codes, value scales, a new key group's scales) are copied into shared memory
+// by cp.async one tile ahead, while the tile before computes; 0: loaded into registers at the top of
+// the tile's iteration.
+#ifndef KVPACK_DECODE_ASYNC
+#define KVPACK_DECODE_ASYNC 1
+#endif
 // Profiling builds only (benchmarks/decode_int4.py --timeline): each program's start, end of its
 // prologue, end of its store's tiles and end (ns, %globaltimer) and its SM, in a module global.
 #ifdef KVPACK_DECODE_TIMELINE
@@ -63,8 +69,8 @@ typedef unsigned int u32;
 __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #define TIMELINE_MARK(i)                                                                         \
     do {                                                                                         \
-        const unsigned p = (blockIdx.y * gridDim.x + blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); \
-        if ((threadIdx.x & 31) == 0 && p < TIMELINE_PROGRAMS) {                                  \
+        const unsigned p = blockIdx.y * gridDim.x + blockIdx.x;                                  \
+        if (threadIdx.x == 0 && p < TIMELINE_PROGRAMS) {                                         \
             unsigned long long now;                                                              \
             asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));                              \
             kvpack_timeline[5 * p + (i)] = now;                                                  \
@@ -243,27 +249,22 @@ __device__ __forceinline__ void decode_int4(
     typedef typename Bytes<VB>::type VRow;
     typedef typename QueryType<BF16>::type QT;
 
-    // Two stages per warp of one tile's bytes, in dynamic shared memory. Codes lane-major (lane l's
-    // 16-, 8- or 4-byte slots side by side: conflict-free), each lane copying and reading back only its
-    // own; then the tile's value scales and zeros (64 + 64 float16) and, when the tile starts a key
-    // group for this warp, the group's key scale and zero rows (D + D float16), copied by some lanes
-    // and read by all. After the tiles, a CTA of several warps merges their states through the same
-    // memory.
+#if KVPACK_DECODE_ASYNC
+    // Two stages of one tile's bytes. Codes lane-major (lane l's 16-, 8- or 4-byte slots side by
+    // side: conflict-free), each lane copying and reading back only its own; then the tile's value
+    // scales and zeros (64 + 64 float16) and, when the tile starts a key group, the group's key scale
+    // and zero rows (D + D float16), copied by some lanes and read by all.
     constexpr int KSTAGE = 8 * 32 * KB, VSTAGE = 16 * 32 * VB, SSTAGE = KSTAGE + VSTAGE;
     constexpr int GSTAGE = SSTAGE + 4 * TILE, STAGE = GSTAGE + 4 * D;
-    static_assert(STAGE == 68 * D + 256, "decode.py's stage_bytes");
-    extern __shared__ __align__(16) unsigned char smem[];
-    __shared__ int next_item;
+    __shared__ __align__(16) unsigned char stages[2][STAGE];
+#endif
 
     TIMELINE_MARK(0);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int lane = threadIdx.x;
     const int g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.x, split = blockIdx.y;
     const i64 b = bh / num_kv_heads, h = bh % num_kv_heads;
     const int rows = rep * lq;
-    unsigned char* const stages = smem + warp * 2 * STAGE;
-    if (threadIdx.x == 0) next_item = 0;
-    __syncthreads();
 
     int end = n_quant + n_window;
     if (End != nullptr) end = min(End[b], end);
@@ -273,18 +274,6 @@ __device__ __forceinline__ void decode_int4(
     const int hi = min(lo + chunk, end);
     lo = max(lo, begin / TILE * TILE);
     const int q_hi = min(hi, n_quant);
-    const int w_lo = max(lo, n_quant);
-
-    // The chunk's work items, taken by the CTA's warps one at a time in order: first the window's
-    // tiles (full-precision, read directly), then the store's (copied a tile ahead).
-    const int n_wtiles = w_lo < hi ? (hi - w_lo + TILE - 1) / TILE : 0;
-    const int n_items = n_wtiles + (lo < q_hi ? (q_hi - lo + TILE - 1) / TILE : 0);
-    auto take = [&]() {
-        int v = 0;
-        if (lane == 0) v = atomicAdd(&next_item, 1);
-        return __shfl_sync(0xffffffffu, v, 0);
-    };
-    auto store_tile = [&](int i) { return lo + (i - n_wtiles) * TILE; };
 
     const unsigned char* kc = KC + b * skcb + h * skch;
     const unsigned char* vc = VC + b * svcb + h * svch;
@@ -292,26 +281,26 @@ __device__ __forceinline__ void decode_int4(
     const u16* kz = KZ + b * sksb + h * sksh;
     const u16* vs = VS + b * svsb + h * svsh;
     const u16* vz = VZ + b * svsb + h * svsh;
-    int issued_krow = -1;  // the key group whose rows this warp last copied
+    // Tiles that fold a new key group's scales into the query: the split's first and each group's.
+    auto new_group = [&](int t0) { return t0 == lo || t0 % group == 0; };
+#if KVPACK_DECODE_ASYNC
     auto issue_tile = [&](int t0, int st) {
-        unsigned char* s = stages + st * STAGE;
+        unsigned char* s = stages[st];
 #pragma unroll
         for (int u = 0; u < 8; ++u) cp_async<KB>(s + u * 32 * KB + lane * KB, kc + (t0 + 8 * g + u) * NB + KB * t);
 #pragma unroll
         for (int u = 0; u < 16; ++u)
             cp_async<VB>(s + KSTAGE + u * 32 * VB + lane * VB, vc + (t0 + 16 * t + u) * NB + VB * g);
         if (lane < 16) cp_async<16>(s + SSTAGE + 16 * lane, (lane < 8 ? vs : vz) + t0 + 8 * (lane & 7));
-        if (t0 / group != issued_krow) {
-            issued_krow = t0 / group;
-            if (lane < D / 4) {  // D / 8 chunks of 16 bytes per row
-                const i64 row = (i64)issued_krow * D;
-                cp_async<16>(s + GSTAGE + 16 * lane, (lane < D / 8 ? ks : kz) + row + 8 * (lane % (D / 8)));
-            }
+        if (new_group(t0) && lane < D / 4) {  // D / 8 chunks of 16 bytes per row
+            const i64 row = (i64)(t0 / group) * D;
+            cp_async<16>(s + GSTAGE + 16 * lane, (lane < D / 8 ? ks : kz) + row + 8 * (lane % (D / 8)));
         }
     };
-    int item = take();
-    if (item >= n_wtiles && item < n_items) issue_tile(store_tile(item), 0);  // copied during the prologue
+    if (lo < q_hi) issue_tile(lo, 0);  // the first tile's bytes travel while the query is read
     cp_async_commit();
+    int stage = 0;
+#endif
 
     // The query, as B fragments: lane (g, t) holds row g's channels CPT t .. CPT t + CPT - 1 (the key
     // slots' channels, see the header), read straight from global memory (16 bytes at a time where
@@ -402,21 +391,199 @@ __device__ __forceinline__ void decode_int4(
         m0 = mx0;
         m1 = mx1;
     };
-    float acc[MT][4];  // out^T fragments
+    float acc[MT][4];  // out^T fragments: sum p' c, times 16 in m-tiles 4w+1 and 4w+3 (high nibbles)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-    // Units of acc: true (sum p v) through the window's tiles; from the first store tile with a nonzero
-    // value scale on, "store units": sum p (s_t / R) c, times 16 in m-tiles 4w+1 and 4w+3 (high
-    // nibbles), where R is the largest value scale seen so far.
-    bool store_units = false;
+    // acc in true units: high nibbles divided by 16, times R (once: before the window's products,
+    // which add true values, or at the end).
+    bool settled = false;
+    auto settle = [&]() {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const float f = (mt & 1) ? 0.0625f * R : R;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[mt][k] *= f;
+        }
+        R = 1.0f;
+        settled = true;
+    };
 
     const float a0 = qmax0 * qk_scale, a1 = qmax1 * qk_scale;  // score = mma a + c, rows r0, r1
     u32 qs[KSTEPS][2];  // qn times this key group's scales
     float c0 = 0.0f, c1 = 0.0f;
-    int krow = -1;      // the key group folded into qs
 
     TIMELINE_MARK(1);
-    if (item < n_wtiles) {
+    for (int t0 = lo; t0 < q_hi; t0 += TILE) {
+        KRow kw[8];
+        VRow vw[16];
+#if KVPACK_DECODE_ASYNC
+        __syncwarp();  // every lane done with the stage the next tile's copies overwrite
+        if (t0 + TILE < q_hi) issue_tile(t0 + TILE, stage ^ 1);
+        cp_async_commit();
+        cp_async_wait<1>();  // this lane's copies of this tile have landed
+        __syncwarp();        // and every other lane's
+        const unsigned char* s = stages[stage];
+        stage ^= 1;
+#pragma unroll
+        for (int u = 0; u < 8; ++u) kw[u] = *reinterpret_cast<const KRow*>(s + u * 32 * KB + lane * KB);
+#pragma unroll
+        for (int u = 0; u < 16; ++u) vw[u] = *reinterpret_cast<const VRow*>(s + KSTAGE + u * 32 * VB + lane * VB);
+        const uint4 vsw = *reinterpret_cast<const uint4*>(s + SSTAGE + 16 * g);
+        const uint4 vzw = *reinterpret_cast<const uint4*>(s + SSTAGE + 128 + 16 * g);
+        const u16* sr = reinterpret_cast<const u16*>(s + GSTAGE) + CPT * t;
+        const u16* zr = sr + D;
+#else
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            kw[u] = *reinterpret_cast<const KRow*>(kc + (t0 + 8 * g + u) * NB + KB * t);
+#pragma unroll
+        for (int u = 0; u < 16; ++u)
+            vw[u] = *reinterpret_cast<const VRow*>(vc + (t0 + 16 * t + u) * NB + VB * g);
+        const uint4 vsw = *reinterpret_cast<const uint4*>(vs + t0 + 8 * g);
+        const uint4 vzw = *reinterpret_cast<const uint4*>(vz + t0 + 8 * g);
+        const u16* sr = ks + (i64)(t0 / group) * D + CPT * t;
+        const u16* zr = kz + (i64)(t0 / group) * D + CPT * t;
+#endif
+
+        if (new_group(t0)) {  // a new key group: fold its scales into the query
+            // c: q.(z + 8 s) from the tensor cores (the centred zero points as an A operand whose
+            // rows are alike), since k = s c + z = s (c - 8) + (z + 8 s).
+            float kb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int i = 0; i < CPT; i += 8) {
+                const uint4 sv = *reinterpret_cast<const uint4*>(sr + i);
+                const uint4 zv = *reinterpret_cast<const uint4*>(zr + i);
+#pragma unroll
+                for (int o = 0; o < 2; ++o) {  // k-step i / 4 + o: channel pairs from words o and o + 2
+                    const int st = i / 4 + o;
+                    const u32 s_lo = o ? sv.y : sv.x, s_hi = o ? sv.w : sv.z;
+                    const u32 z_lo = o ? zv.y : zv.x, z_hi = o ? zv.w : zv.z;
+                    const u32 s0 = __byte_perm(s_lo, s_hi, 0x5410), s1 = __byte_perm(s_lo, s_hi, 0x7632);
+                    qs[st][0] = hmul2(qn[st][0], s0);
+                    // The second pair meets high nibbles, 16 (c - 8): a sixteenth of the query.
+                    qs[st][1] = hmul2(hmul2(qn[st][1], s1), 0x2C002C00u);
+                    const u32 zp0 = hfma2(s0, EIGHTS, __byte_perm(z_lo, z_hi, 0x5410));
+                    const u32 zp1 = hfma2(s1, EIGHTS, __byte_perm(z_lo, z_hi, 0x7632));
+                    const u32 za[4] = {zp0, zp0, zp1, zp1};
+                    mma<false>(kb, za, qn[st][0], qn[st][1]);
+                }
+            }
+            c0 = kb[0] * a0;
+            c1 = kb[1] * a1;
+        }
+
+        // Scores: block j, fragment rows g (token 8g+2j) and g+8 (token 8g+2j+1), columns r0, r1.
+        float sc[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+#pragma unroll
+            for (int w = 0; w < KW; ++w) {
+                const u32 x0 = Bytes<KB>::word(kw[2 * j], w), x1 = Bytes<KB>::word(kw[2 * j + 1], w);
+                const u32 y0 = x0 >> 8, y1 = x1 >> 8;
+                const u32 f0[4] = {low_nibbles<8>(x0), low_nibbles<8>(x1), high_nibbles<8>(x0),
+                                   high_nibbles<8>(x1)};
+                mma<false>(sc[j], f0, qs[2 * w][0], qs[2 * w][1]);
+                const u32 f1[4] = {low_nibbles<8>(y0), low_nibbles<8>(y1), high_nibbles<8>(y0),
+                                   high_nibbles<8>(y1)};
+                mma<false>(sc[j], f1, qs[2 * w + 1][0], qs[2 * w + 1][1]);
+            }
+            sc[j][0] = fmaf(sc[j][0], a0, c0);
+            sc[j][1] = fmaf(sc[j][1], a1, c1);
+            sc[j][2] = fmaf(sc[j][2], a0, c0);
+            sc[j][3] = fmaf(sc[j][3], a1, c1);
+        }
+        const bool full = t0 >= begin && t0 + TILE - 1 <= end - lq;
+        if (!full) mask(sc, t0);
+
+        // Online softmax, rows r0 and r1.
+        float alpha0, alpha1;
+        advance_max(sc, alpha0, alpha1);
+
+        // Value scales of this lane's tokens 8g .. 8g+7 (the score rows), and the tile's largest.
+        const u32 sw[4] = {vsw.x, vsw.y, vsw.z, vsw.w}, zw[4] = {vzw.x, vzw.y, vzw.z, vzw.w};
+        float vsc[8], vzp[8];
+        float top = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            vsc[2 * k] = half_bits_to_float((u16)(sw[k] & 0xFFFF));
+            vsc[2 * k + 1] = half_bits_to_float((u16)(sw[k] >> 16));
+            vzp[2 * k] = half_bits_to_float((u16)(zw[k] & 0xFFFF));
+            vzp[2 * k + 1] = half_bits_to_float((u16)(zw[k] >> 16));
+            top = fmaxf(top, fmaxf(vsc[2 * k], vsc[2 * k + 1]));
+        }
+        top = warp_max_g(top);
+        float grow = 1.0f;
+        if (top > R) {
+            grow = R / top;
+            R = top;
+        }
+        const float inv_r = R > 0.0f ? 1.0f / R : 0.0f;  // all scales so far 0: so are the weights
+        const float f0 = alpha0 * grow, f1 = alpha1 * grow;
+        l0 *= alpha0;
+        l1 *= alpha1;
+        z0 *= alpha0;
+        z1 *= alpha1;
+
+        // Weights, into B fragments of the value product (movmatrix: score rows become columns).
+        u32 pb[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float p00 = exp2_approx(sc[j][0] - m0), p01 = exp2_approx(sc[j][1] - m1);
+            const float p10 = exp2_approx(sc[j][2] - m0), p11 = exp2_approx(sc[j][3] - m1);
+            l0 += p00 + p10;
+            l1 += p01 + p11;
+            const float s0 = vsc[2 * j], s1 = vsc[2 * j + 1];
+            z0 = fmaf(p00, vzp[2 * j], fmaf(p10, vzp[2 * j + 1], z0));
+            z1 = fmaf(p01, vzp[2 * j], fmaf(p11, vzp[2 * j + 1], z1));
+            pb[j][0] = transpose8x8(pack_f16(p00 * (s0 * inv_r), p01 * (s0 * inv_r)));
+            pb[j][1] = transpose8x8(pack_f16(p10 * (s1 * inv_r), p11 * (s1 * inv_r)));
+        }
+
+        // out^T = out^T f + V^T p'^T: block j's value slots (2t, 2t+1) are tokens 16t+2j, 16t+2j+8
+        // and (2t+8, 2t+9) tokens 16t+2j+1, 16t+2j+9; m-tile 4w+n takes channel pairs n (rows g) and
+        // n+4 (rows g+8) of word w. Each m-tile's tile sum starts from zero and joins acc in float32:
+        // the tensor cores' sums, which lose low bits beside a large operand, never hold the whole
+        // context's (accumulating in place gave 2.4e-3 relative error at 128K tokens, this 8.2e-4).
+#pragma unroll
+        for (int w = 0; w < VW; ++w) {
+            u32 xa[4], ya[4], xc[4], yc[4];  // the same channel of two tokens in each 16-bit half
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u32 a = Bytes<VB>::word(vw[2 * j], w), bb = Bytes<VB>::word(vw[2 * j + 8], w);
+                const u32 c = Bytes<VB>::word(vw[2 * j + 1], w), d = Bytes<VB>::word(vw[2 * j + 9], w);
+                xa[j] = __byte_perm(a, bb, 0x5410);
+                ya[j] = __byte_perm(a, bb, 0x7632);
+                xc[j] = __byte_perm(c, d, 0x5410);
+                yc[j] = __byte_perm(c, d, 0x7632);
+            }
+#pragma unroll
+            for (int n = 0; n < 4; ++n) {
+                float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const int sh = n < 2 ? 0 : 8;
+                    const u32 x[4] = {xa[j] >> sh, ya[j] >> sh, xc[j] >> sh, yc[j] >> sh};
+                    u32 fr[4];
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) fr[k] = n & 1 ? high_nibbles<0>(x[k]) : low_nibbles<0>(x[k]);
+                    mma<false>(sum, fr, pb[j][0], pb[j][1]);
+                }
+                float* o = acc[4 * w + n];
+                o[0] = fmaf(o[0], f0, sum[0]);
+                o[2] = fmaf(o[2], f0, sum[2]);
+                o[1] = fmaf(o[1], f1, sum[1]);
+                o[3] = fmaf(o[3], f1, sum[3]);
+            }
+        }
+    }
+
+    TIMELINE_MARK(2);
+
+    // The window: full-precision keys and values in the query dtype, same fragment slots.
+    const int w_lo = max(lo, n_quant);
+    if (w_lo < hi) {
+        settle();
         // Raw query, B fragments in the key slots' channel order.
         u32 qb[KSTEPS][2];
         {
@@ -437,8 +604,7 @@ __device__ __forceinline__ void decode_int4(
         }
         const u16* wk = WK + b * swkb + h * swkh;
         const u16* wv = WV + b * swvb + h * swvh;
-        do {  // window tiles: true units
-            const int t0 = w_lo + item * TILE;
+        for (int t0 = w_lo; t0 < hi; t0 += TILE) {
             float sc[4][4];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -509,263 +675,43 @@ __device__ __forceinline__ void decode_int4(
                     mma<BF16>(acc[mt], f, pb[j][0], pb[j][1]);
                 }
             }
-            item = take();
-            if (item >= n_wtiles && item < n_items) issue_tile(store_tile(item), 0);
-            cp_async_commit();
-        } while (item < n_wtiles);
-    }
-
-    int stage = 0;
-    while (item < n_items) {  // store tiles
-        const int t0 = store_tile(item);
-        KRow kw[8];
-        VRow vw[16];
-        __syncwarp();  // every lane done with the stage the next tile's copies overwrite
-        item = take();
-        if (item < n_items) issue_tile(store_tile(item), stage ^ 1);
-        cp_async_commit();
-        cp_async_wait<1>();  // this lane's copies of this tile have landed
-        __syncwarp();        // and every other lane's
-        const unsigned char* s = stages + stage * STAGE;
-        stage ^= 1;
-#pragma unroll
-        for (int u = 0; u < 8; ++u) kw[u] = *reinterpret_cast<const KRow*>(s + u * 32 * KB + lane * KB);
-#pragma unroll
-        for (int u = 0; u < 16; ++u) vw[u] = *reinterpret_cast<const VRow*>(s + KSTAGE + u * 32 * VB + lane * VB);
-        const uint4 vsw = *reinterpret_cast<const uint4*>(s + SSTAGE + 16 * g);
-        const uint4 vzw = *reinterpret_cast<const uint4*>(s + SSTAGE + 128 + 16 * g);
-        const u16* sr = reinterpret_cast<const u16*>(s + GSTAGE) + CPT * t;
-        const u16* zr = sr + D;
-
-        if (t0 / group != krow) {  // a new key group: fold its scales into the query
-            krow = t0 / group;
-            // c: q.(z + 8 s) from the tensor cores (the centred zero points as an A operand whose
-            // rows are alike), since k = s c + z = s (c - 8) + (z + 8 s).
-            float kb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int i = 0; i < CPT; i += 8) {
-                const uint4 sv = *reinterpret_cast<const uint4*>(sr + i);
-                const uint4 zv = *reinterpret_cast<const uint4*>(zr + i);
-#pragma unroll
-                for (int o = 0; o < 2; ++o) {  // k-step i / 4 + o: channel pairs from words o and o + 2
-                    const int st = i / 4 + o;
-                    const u32 s_lo = o ? sv.y : sv.x, s_hi = o ? sv.w : sv.z;
-                    const u32 z_lo = o ? zv.y : zv.x, z_hi = o ? zv.w : zv.z;
-                    const u32 s0 = __byte_perm(s_lo, s_hi, 0x5410), s1 = __byte_perm(s_lo, s_hi, 0x7632);
-                    qs[st][0] = hmul2(qn[st][0], s0);
-                    // The second pair meets high nibbles, 16 (c - 8): a sixteenth of the query.
-                    qs[st][1] = hmul2(hmul2(qn[st][1], s1), 0x2C002C00u);
-                    const u32 zp0 = hfma2(s0, EIGHTS, __byte_perm(z_lo, z_hi, 0x5410));
-                    const u32 zp1 = hfma2(s1, EIGHTS, __byte_perm(z_lo, z_hi, 0x7632));
-                    const u32 za[4] = {zp0, zp0, zp1, zp1};
-                    mma<false>(kb, za, qn[st][0], qn[st][1]);
-                }
-            }
-            c0 = kb[0] * a0;
-            c1 = kb[1] * a1;
-        }
-
-        // Scores: block j, fragment rows g (token 8g+2j) and g+8 (token 8g+2j+1), columns r0, r1.
-        float sc[4][4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
-#pragma unroll
-            for (int w = 0; w < KW; ++w) {
-                const u32 x0 = Bytes<KB>::word(kw[2 * j], w), x1 = Bytes<KB>::word(kw[2 * j + 1], w);
-                const u32 y0 = x0 >> 8, y1 = x1 >> 8;
-                const u32 f0[4] = {low_nibbles<8>(x0), low_nibbles<8>(x1), high_nibbles<8>(x0),
-                                   high_nibbles<8>(x1)};
-                mma<false>(sc[j], f0, qs[2 * w][0], qs[2 * w][1]);
-                const u32 f1[4] = {low_nibbles<8>(y0), low_nibbles<8>(y1), high_nibbles<8>(y0),
-                                   high_nibbles<8>(y1)};
-                mma<false>(sc[j], f1, qs[2 * w + 1][0], qs[2 * w + 1][1]);
-            }
-            sc[j][0] = fmaf(sc[j][0], a0, c0);
-            sc[j][1] = fmaf(sc[j][1], a1, c1);
-            sc[j][2] = fmaf(sc[j][2], a0, c0);
-            sc[j][3] = fmaf(sc[j][3], a1, c1);
-        }
-        const bool full = t0 >= begin && t0 + TILE - 1 <= end - lq;
-        if (!full) mask(sc, t0);
-
-        // Online softmax, rows r0 and r1.
-        float alpha0, alpha1;
-        advance_max(sc, alpha0, alpha1);
-
-        // Value scales of this lane's tokens 8g .. 8g+7 (the score rows), and the tile's largest.
-        const u32 sw[4] = {vsw.x, vsw.y, vsw.z, vsw.w}, zw[4] = {vzw.x, vzw.y, vzw.z, vzw.w};
-        float vsc[8], vzp[8];
-        float top = 0.0f;
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            vsc[2 * k] = half_bits_to_float((u16)(sw[k] & 0xFFFF));
-            vsc[2 * k + 1] = half_bits_to_float((u16)(sw[k] >> 16));
-            vzp[2 * k] = half_bits_to_float((u16)(zw[k] & 0xFFFF));
-            vzp[2 * k + 1] = half_bits_to_float((u16)(zw[k] >> 16));
-            top = fmaxf(top, fmaxf(vsc[2 * k], vsc[2 * k + 1]));
-        }
-        top = warp_max_g(top);
-        // acc's rescale: by alpha, and by R_old / R when R grows (true units to store units at first).
-        float grow_e = 1.0f, grow_o = 1.0f;  // even and odd m-tiles
-        if (top > R) {
-            if (store_units) {
-                grow_e = grow_o = R / top;
-            } else {
-                grow_e = 1.0f / top;
-                grow_o = 16.0f / top;
-                store_units = true;
-            }
-            R = top;
-        }
-        const float inv_r = R > 0.0f ? 1.0f / R : 0.0f;  // all scales so far 0: so are the weights
-        const float f0e = alpha0 * grow_e, f1e = alpha1 * grow_e, f0o = alpha0 * grow_o, f1o = alpha1 * grow_o;
-        l0 *= alpha0;
-        l1 *= alpha1;
-        z0 *= alpha0;
-        z1 *= alpha1;
-
-        // Weights, into B fragments of the value product (movmatrix: score rows become columns).
-        u32 pb[4][2];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const float p00 = exp2_approx(sc[j][0] - m0), p01 = exp2_approx(sc[j][1] - m1);
-            const float p10 = exp2_approx(sc[j][2] - m0), p11 = exp2_approx(sc[j][3] - m1);
-            l0 += p00 + p10;
-            l1 += p01 + p11;
-            const float s0 = vsc[2 * j], s1 = vsc[2 * j + 1];
-            z0 = fmaf(p00, vzp[2 * j], fmaf(p10, vzp[2 * j + 1], z0));
-            z1 = fmaf(p01, vzp[2 * j], fmaf(p11, vzp[2 * j + 1], z1));
-            pb[j][0] = transpose8x8(pack_f16(p00 * (s0 * inv_r), p01 * (s0 * inv_r)));
-            pb[j][1] = transpose8x8(pack_f16(p10 * (s1 * inv_r), p11 * (s1 * inv_r)));
-        }
-
-        // out^T = out^T f + V^T p'^T: block j's value slots (2t, 2t+1) are tokens 16t+2j, 16t+2j+8
-        // and (2t+8, 2t+9) tokens 16t+2j+1, 16t+2j+9; m-tile 4w+n takes channel pairs n (rows g) and
-        // n+4 (rows g+8) of word w. Each m-tile's tile sum starts from zero and joins acc in float32:
-        // the tensor cores' sums, which lose low bits beside a large operand, never hold the whole
-        // context's (accumulating in place gave 2.4e-3 relative error at 128K tokens, this 8.2e-4).
-#pragma unroll
-        for (int w = 0; w < VW; ++w) {
-            u32 xa[4], ya[4], xc[4], yc[4];  // the same channel of two tokens in each 16-bit half
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const u32 a = Bytes<VB>::word(vw[2 * j], w), bb = Bytes<VB>::word(vw[2 * j + 8], w);
-                const u32 c = Bytes<VB>::word(vw[2 * j + 1], w), d = Bytes<VB>::word(vw[2 * j + 9], w);
-                xa[j] = __byte_perm(a, bb, 0x5410);
-                ya[j] = __byte_perm(a, bb, 0x7632);
-                xc[j] = __byte_perm(c, d, 0x5410);
-                yc[j] = __byte_perm(c, d, 0x7632);
-            }
-#pragma unroll
-            for (int n = 0; n < 4; ++n) {
-                float sum[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int sh = n < 2 ? 0 : 8;
-                    const u32 x[4] = {xa[j] >> sh, ya[j] >> sh, xc[j] >> sh, yc[j] >> sh};
-                    u32 fr[4];
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) fr[k] = n & 1 ? high_nibbles<0>(x[k]) : low_nibbles<0>(x[k]);
-                    mma<false>(sum, fr, pb[j][0], pb[j][1]);
-                }
-                float* o = acc[4 * w + n];
-                const float f0 = n & 1 ? f0o : f0e, f1 = n & 1 ? f1o : f1e;
-                o[0] = fmaf(o[0], f0, sum[0]);
-                o[2] = fmaf(o[2], f0, sum[2]);
-                o[1] = fmaf(o[1], f1, sum[1]);
-                o[3] = fmaf(o[3], f1, sum[3]);
-            }
         }
     }
-    TIMELINE_MARK(2);
 
-    // Finish: the softmax sums and zero-point terms over the lanes of each row, acc in true units.
+    // Finish: the softmax sums and zero-point terms over the lanes of each row, then the output.
     l0 = warp_sum_g(l0);
     l1 = warp_sum_g(l1);
     z0 = warp_sum_g(z0);
     z1 = warp_sum_g(z1);
-    if (store_units) {
+    const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
+    if (!settled) settle();
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+        const int n = 2 * t + e;
+        if (n >= rows) continue;
+        const float inv = e ? inv1 : inv0, zz = e ? z1 : z0, mm = e ? m1 : m0, ll = e ? l1 : l0;
+        const i64 head = h * rep + n / lq, qi = n % lq;
+        const i64 r = ((b * (num_kv_heads * rep) + head) * lq + qi) * num_splits + split;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-            const float f = (mt & 1) ? 0.0625f * R : R;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[mt][e] *= f;
-        }
-    }
-    if (nw == 1) {
-        const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int n = 2 * t + e;
-            if (n >= rows) continue;
-            const float inv = e ? inv1 : inv0, zz = e ? z1 : z0, mm = e ? m1 : m0, ll = e ? l1 : l0;
-            const i64 head = h * rep + n / lq, qi = n % lq;
-            const i64 r = ((b * (num_kv_heads * rep) + head) * lq + qi) * num_splits + split;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-                for (int half = 0; half < 2; ++half) {
-                    const int ch = (D / 8) * g + 8 * (mt >> 2) + (mt & 3) + 4 * half;
-                    const float o = (acc[mt][2 * half + e] + zz) * inv;
-                    if (num_splits > 1) {
-                        MidO[r * D + ch] = o;
-                    } else {
-                        Out[b * sob + head * soh + qi * som + ch] = QT::from_float(o);
-                    }
+            for (int half = 0; half < 2; ++half) {
+                const int ch = (D / 8) * g + 8 * (mt >> 2) + (mt & 3) + 4 * half;
+                const float o = (acc[mt][2 * half + e] + zz) * inv;
+                if (num_splits > 1) {
+                    MidO[r * D + ch] = o;
+                } else {
+                    Out[b * sob + head * soh + qi * som + ch] = QT::from_float(o);
                 }
             }
-            if (num_splits > 1 && g == 0) MidL[r] = ll > 0.0f ? mm + __log2f(ll) : NEG_INF;
         }
-    } else {
-        // The warps' states merged through shared memory: each writes its rows' numerators
-        // (acc + z, true units), maxima and sums; then the CTA's threads combine them per element.
-        __syncthreads();  // every warp done with its stages
-        float* num = reinterpret_cast<float*>(smem);       // [nw][MAX_ROWS][D]
-        float* ml = num + nw * MAX_ROWS * D;               // [nw][MAX_ROWS][2]
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int n = 2 * t + e;
-            const float zz = e ? z1 : z0;
-            float* row = num + (warp * MAX_ROWS + n) * D;
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-                for (int half = 0; half < 2; ++half)
-                    row[(D / 8) * g + 8 * (mt >> 2) + (mt & 3) + 4 * half] = acc[mt][2 * half + e] + zz;
-            }
-            if (g == 0) {
-                ml[(warp * MAX_ROWS + n) * 2] = e ? m1 : m0;
-                ml[(warp * MAX_ROWS + n) * 2 + 1] = e ? l1 : l0;
-            }
-        }
-        __syncthreads();
-        for (int i = threadIdx.x; i < rows * D; i += blockDim.x) {
-            const int n = i / D, ch = i % D;
-            float mm = -1.0e30f;
-            for (int w = 0; w < nw; ++w) mm = fmaxf(mm, ml[(w * MAX_ROWS + n) * 2]);
-            float ll = 0.0f, o = 0.0f;
-            for (int w = 0; w < nw; ++w) {
-                const float f = exp2_approx(ml[(w * MAX_ROWS + n) * 2] - mm);
-                ll = fmaf(ml[(w * MAX_ROWS + n) * 2 + 1], f, ll);
-                o = fmaf(num[(w * MAX_ROWS + n) * D + ch], f, o);
-            }
-            o = ll > 0.0f ? o / ll : 0.0f;
-            const i64 head = h * rep + n / lq, qi = n % lq;
-            const i64 r = ((b * (num_kv_heads * rep) + head) * lq + qi) * num_splits + split;
-            if (num_splits > 1) {
-                MidO[r * D + ch] = o;
-                if (ch == 0) MidL[r] = ll > 0.0f ? mm + __log2f(ll) : NEG_INF;
-            } else {
-                Out[b * sob + head * soh + qi * som + ch] = QT::from_float(o);
-            }
-        }
+        if (num_splits > 1 && g == 0) MidL[r] = ll > 0.0f ? mm + __log2f(ll) : NEG_INF;
     }
     TIMELINE_MARK(3);
 }
 
 #define KVPACK_DECODE_INT4(NAME, D, BF16)                                                        \
-    extern "C" __global__ void __launch_bounds__(32 * KVPACK_DECODE_MIN_BLOCKS) NAME(                    \
+    extern "C" __global__ void __launch_bounds__(32, KVPACK_DECODE_MIN_BLOCKS) NAME(                   \
         const u16* __restrict__ Q, u16* __restrict__ Out, float* __restrict__ MidO,                  \
         float* __restrict__ MidL, const unsigned char* __restrict__ KC, const u16* __restrict__ KS,   \
         const u16* __restrict__ KZ, const unsigned char* __restrict__ VC, const u16* __restrict__ VS, \

@@ -39,13 +39,6 @@ _NAMES = {(d, dt): f"decode_int4_d{d}_{'bf16' if dt == torch.bfloat16 else 'f16'
 _REGISTERS_PER_SM = 65536
 _MAX_BLOCKS_PER_SM = 32
 _SHARED_RESERVED_PER_BLOCK = 1024
-_MAX_WARPS_PER_BLOCK = 32
-
-
-def stage_bytes(d: int) -> int:
-    """Shared memory of one copy stage of ``decode.cu`` (one 64-token tile's codes and value scales and
-    zeros, one key group's scale and zero rows); each warp has two."""
-    return 68 * d + 256
 
 
 @functools.cache
@@ -112,40 +105,21 @@ def device_index(t: torch.Tensor) -> int:
 @functools.cache
 def resident_per_sm(d: int, dtype: torch.dtype, device_index: int) -> int:
     """One-warp programs one SM holds at once, from the compiled kernel's registers (allocated per warp
-    in units of 256) and shared memory (its two stages, plus the 1 KB the hardware reserves per
-    block)."""
+    in units of 256) and shared memory (plus the 1 KB the hardware reserves per block)."""
     attributes = _kernel(_NAMES[(d, dtype)], device_index).attributes
     per_warp = math.ceil(attributes["num_regs"] * 32 / 256) * 256
-    block = attributes["shared_size_bytes"] + 2 * stage_bytes(d) + _SHARED_RESERVED_PER_BLOCK
-    by_shared = _shared_per_sm(device_index) // block
+    props = torch.cuda.get_device_properties(device_index)
+    shared = getattr(props, "shared_memory_per_multiprocessor", props.shared_memory_per_block_optin)
+    by_shared = shared // (attributes["shared_size_bytes"] + _SHARED_RESERVED_PER_BLOCK)
     return max(1, min(_MAX_BLOCKS_PER_SM, _REGISTERS_PER_SM // per_warp, by_shared))
-
-
-@functools.cache
-def pool_warps(d: int, dtype: torch.dtype, device_index: int) -> int:
-    """Warps of the largest CTA one SM holds (registers, and shared memory within the per-block limit):
-    a CTA whose warps share one chunk of the context tile by tile."""
-    attributes = _kernel(_NAMES[(d, dtype)], device_index).attributes
-    per_warp = math.ceil(attributes["num_regs"] * 32 / 256) * 256
-    props = torch.cuda.get_device_properties(device_index)
-    shared = min(props.shared_memory_per_block_optin,
-                 _shared_per_sm(device_index) - _SHARED_RESERVED_PER_BLOCK)
-    by_shared = (shared - attributes["shared_size_bytes"]) // (2 * stage_bytes(d))
-    return max(1, min(_MAX_WARPS_PER_BLOCK, _REGISTERS_PER_SM // per_warp, by_shared))
-
-
-def _shared_per_sm(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    return getattr(props, "shared_memory_per_multiprocessor", props.shared_memory_per_block_optin)
 
 
 def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch.Tensor,
            store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor, window_values: torch.Tensor,
            start: torch.Tensor | None, end: torch.Tensor | None, qk_scale: float, num_quantized: int,
-           num_window: int, chunk: int, splits: int, group: int, warps: int = 1) -> None:
-    """Run ``decode.cu`` on torch's current stream: grid (batch x KV heads, splits), CTAs of ``warps``
-    warps that share their chunk's tiles (at most :func:`pool_warps`). ``qk_scale`` is the softmax
-    scale times log2(e); ``chunk`` a multiple of :data:`TILE`."""
+           num_window: int, chunk: int, splits: int, group: int) -> None:
+    """Run ``decode.cu`` on torch's current stream: grid (batch x KV heads, splits), one warp each.
+    ``qk_scale`` is the softmax scale times log2(e); ``chunk`` a multiple of :data:`TILE`."""
     import cupy
 
     from kvpack.cuda import _stream
@@ -176,8 +150,5 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     )
     device = device_index(q)
     kernel = _kernel(_NAMES[(d, q.dtype)], device)
-    shared = warps * 2 * stage_bytes(d)
-    if shared > kernel.max_dynamic_shared_size_bytes:
-        kernel.max_dynamic_shared_size_bytes = shared
     with cupy.cuda.Device(device), _stream(cupy, q.device):
-        kernel((bsz * hkv, splits, 1), (32 * warps, 1, 1), args, shared_mem=shared)
+        kernel((bsz * hkv, splits, 1), (32, 1, 1), args)

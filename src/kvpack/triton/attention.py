@@ -102,11 +102,8 @@ class KernelConfig:
     cap on registers per thread (``maxnreg``, for tuning: more programs resident, at the risk of spills).
     ``kernel``: ``"triton"`` (a config's default: its fields are this kernel's) always runs this kernel;
     ``"auto"`` (:func:`default_config`'s) runs the CUDA C kernel of :mod:`kvpack.cuda.decode` where it
-    applies (the ``int4`` cache preset on a GPU, which has its own tiles; only ``num_splits`` and
-    ``cuda_warps`` carry over) and this one elsewhere; ``"cuda"`` the CUDA kernel, or an error saying
-    why it cannot. ``cuda_warps``: warps per CTA of the CUDA kernel, which share their chunk's tiles
-    (``None``: one CTA filling an SM where each warp gets at least :data:`POOL_MIN_TILES` tiles, else
-    one-warp programs; see :func:`cuda_grid`).
+    applies (the ``int4`` cache preset on a GPU, which has its own tiles; only ``num_splits`` carries
+    over) and this one elsewhere; ``"cuda"`` the CUDA kernel, or an error saying why it cannot.
     ``value_fields``: packed int4/int2 values with per-token or per-channel-row scales accumulate
     ``p v`` one bit field at a time (:func:`_value_fields`) instead of unpacking each tile into channel
     order. Off by default: on an H100 (B=8, 32K, int4) it changes the one-warp default by under 4%
@@ -121,7 +118,6 @@ class KernelConfig:
     block_m: int | None = None
     maxnreg: int | None = None
     kernel: str = "triton"
-    cuda_warps: int | None = None
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
@@ -130,8 +126,6 @@ class KernelConfig:
             raise ValueError(f"block_m must be a power of two, got {self.block_m}")
         if self.maxnreg is not None and not 24 <= self.maxnreg <= 255:
             raise ValueError(f"maxnreg must be between 24 and 255 registers, got {self.maxnreg}")
-        if self.cuda_warps is not None and not 1 <= self.cuda_warps <= 32:
-            raise ValueError(f"cuda_warps must be between 1 and 32, got {self.cuda_warps}")
 
 
 @triton.jit
@@ -988,10 +982,10 @@ def decode_attention(
     block_m = config.block_m or max(MIN_BLOCK_M, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
     row_blocks = 1 if cuda else triton.cdiv(rows, block_m)
     block_n = cuda_decode.TILE if cuda else config.block_n
-    if cuda:
-        warps, splits, chunk = cuda_grid(q, hkv, tokens, config)
-    elif config.num_splits is None:
-        splits, chunk = choose_splits(tokens, bsz * hkv * row_blocks, block_n, q.device, config.num_warps)
+    if config.num_splits is None:
+        per_sm = cuda_decode.resident_per_sm(d, q.dtype, cuda_decode.device_index(q)) if cuda else None
+        splits, chunk = choose_splits(tokens, bsz * hkv * row_blocks, block_n, q.device, config.num_warps,
+                                      per_sm)
     else:
         splits, chunk = _chunked(tokens, config.num_splits, block_n)
     stamps = 3 * bsz * hkv * splits * row_blocks
@@ -1008,7 +1002,7 @@ def decode_attention(
     if cuda:
         _check_layout(q, *store, window_keys, window_values)
         cuda_decode.launch(q, out, mid_o, mid_l, store, window_keys, window_values, start, end,
-                           scale * math.log2(math.e), num_quantized, num_window, chunk, splits, group, warps)
+                           scale * math.log2(math.e), num_quantized, num_window, chunk, splits, group)
     else:
         _launch_triton(q, out, mid_o, mid_l, store, window_keys, window_values, num_quantized, num_window,
                        key_scheme, value_scheme, group, scale, start, end, config, timeline, splits, chunk,
@@ -1020,40 +1014,6 @@ def decode_attention(
             INTERPRET=triton_interpreted(), num_warps=4 if block_d <= 128 else 8,
         )
     return out
-
-
-#: Tiles per warp from which CTAs that fill an SM and share their chunk's tiles replace one-warp
-#: programs (``KernelConfig.cuda_warps=None``).
-POOL_MIN_TILES = 4
-
-
-def cuda_grid(q: torch.Tensor, kv_heads: int, tokens: int, config: KernelConfig) -> tuple[int, int, int]:
-    """``(warps, splits, chunk)`` of the CUDA kernel for ``q`` over ``tokens``. Its warps are
-    latency-bound: one SM runs its 12 one-warp programs at unequal paces, and the last ones finish alone
-    (at 32K tokens, B=8, the last of an SM's programs ended 8 us after their mean). A CTA of
-    :func:`kvpack.cuda.decode.pool_warps` warps that take the chunk's tiles one at a time ends when the
-    SM's work does. One such CTA per SM where each warp gets :data:`POOL_MIN_TILES` tiles or more, else
-    one-warp programs (``config.cuda_warps`` and ``num_splits`` override)."""
-    d = q.shape[-1]
-    programs = q.shape[0] * kv_heads
-    index = cuda_decode.device_index(q)
-    most = cuda_decode.pool_warps(d, q.dtype, index)
-    per_sm = cuda_decode.resident_per_sm(d, q.dtype, index)
-    warps = config.cuda_warps
-    if warps is not None and warps > most:
-        raise ValueError(f"cuda_warps={warps}: CTAs of the CUDA kernel hold at most {most} warps on this GPU")
-
-    def grid(w: int) -> tuple[int, int]:
-        if config.num_splits is not None:
-            return _chunked(tokens, config.num_splits, cuda_decode.TILE)
-        return choose_splits(tokens, programs, cuda_decode.TILE, q.device, 1, max(1, per_sm // w))
-
-    if warps is None:
-        splits, chunk = grid(most)
-        if chunk >= POOL_MIN_TILES * most * cuda_decode.TILE:
-            return most, splits, chunk
-        warps = 1
-    return (warps, *grid(warps))
 
 
 def takes_cuda_kernel(q: torch.Tensor, store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor,
