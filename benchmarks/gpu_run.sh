@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs kvpack's GPU tests, checks and benchmarks on a CUDA machine, one stage after another.
 # Usage: bash benchmarks/gpu_run.sh STAGE...   (stages: env tests cuda triton attention sweep bench
-# bench-g128 bench-large bench-attention e2e profile-e2e overhead int4 eval tune, and pytest:FILE for one test file in
-# 8 workers).
+# bench-g128 bench-large bench-attention e2e profile-e2e overhead int4 eval tune, pytest:FILE for one test file in
+# 8 workers, and ncu:g128 or ncu:int4,TOKENS for Nsight Compute on one kernel of benchmarks/ncu_probe.py).
 # Logs and results go to ${OUT:-gpu-out} (results in results-HHMMSS.tgz).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +46,10 @@ for s in "$@"; do
     tune) stage tune python3 benchmarks/tune_quant.py ${TUNE_WORDS:-} ;;
     profile-e2e) stage profile-e2e python3 -W ignore benchmarks/profile_e2e.py ;;
     overhead) stage overhead python3 -W ignore benchmarks/decode_overhead.py ;;
+    ncu:*) w=${s#ncu:}; case $w in g128) k=_channel_kernel;; *) k=decode_int4;; esac
+      stage "ncu-$w" ncu --clock-control none --kernel-name "regex:$k" --launch-skip 2 --launch-count 1 \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section SchedulerStats \
+        --section WarpStateStats --section LaunchStats python3 -W ignore benchmarks/ncu_probe.py ${w//,/ } ;;
     int4) stage int4 python3 -W ignore benchmarks/decode_int4.py --out "$OUT/results" ${INT4_ARGS:-} ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
