@@ -47,7 +47,7 @@ for s in "$@"; do
     profile-e2e) stage profile-e2e python3 -W ignore benchmarks/profile_e2e.py ;;
     overhead) stage overhead python3 -W ignore benchmarks/decode_overhead.py ;;
     ncu:*) w=${s#ncu:}; case $w in g128) k=_channel_kernel;; *) k=decode_int4;; esac
-      stage "ncu-$w" ncu --clock-control none --kernel-name "regex:$k" --launch-skip 2 --launch-count 1 \
+      stage "ncu-${w%%,*}" ncu --clock-control none --kernel-name "regex:$k" --launch-skip 2 --launch-count 1 \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section SchedulerStats \
         --section WarpStateStats --section LaunchStats python3 -W ignore benchmarks/ncu_probe.py ${w//,/ } ;;
     int4) stage int4 python3 -W ignore benchmarks/decode_int4.py --out "$OUT/results" ${INT4_ARGS:-} ;;
