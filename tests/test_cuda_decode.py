@@ -202,40 +202,6 @@ def test_zero_values_and_huge_scales() -> None:
     check(queries(big, 8, 1), big)
 
 
-def test_splits_fill_the_waves(monkeypatch: pytest.MonkeyPatch) -> None:
-    # On a 132-SM GPU holding 12 programs per SM: the split counts of cuda_splits fill every slot of
-    # choose_splits' waves, give each split FILL_MIN_TILES tiles or more, and stay within MAX_SPLITS.
-    from kvpack.triton import attention as A
-
-    monkeypatch.setattr(A, "_sm_count", lambda device: 132)
-    monkeypatch.setattr(cuda_decode, "resident_per_sm", lambda *a: 12)
-    monkeypatch.setattr(cuda_decode, "device_index", lambda t: 0)
-    q = torch.empty(1, 8, 1, 128, dtype=torch.float16)
-    filled = 0
-    for programs in (8, 24, 64, 256):
-        for tokens in (100, 4096, 16384, 32768, 131072):
-            splits, full = A.cuda_splits(q, programs, tokens, A.KernelConfig())
-            uniform = A.choose_splits(tokens, programs, cuda_decode.TILE, q.device, 1, 12)[0]
-            assert 1 <= full <= programs and 1 <= splits <= A.MAX_SPLITS
-            total = full * splits + (programs - full) * (splits - 1)
-            if full == programs and splits == uniform:
-                continue  # left as choose_splits had it
-            filled += 1
-            assert total % (12 * 132) == 0 and total >= programs * uniform
-            assert -(-tokens // cuda_decode.TILE) >= A.FILL_MIN_TILES * splits
-    assert filled >= 5
-    assert A.cuda_splits(q, 64, 16384, A.KernelConfig(num_splits=7)) == (7, 64)
-
-
-@requires_cuda_kernel
-@pytest.mark.gpu
-def test_splits_of_two_sizes() -> None:
-    # 64 (batch row, KV head) pairs over 8,000 tokens: 48 pairs take 25 splits and 16 take 24 on an
-    # H100 (1,584 programs); whatever the GPU, the default grid must match the reference.
-    layer = make_layer(batch=8, kv_heads=8, tokens=8000)
-    check(queries(layer, 32, 1), layer)
-
-
 @requires_cuda_kernel
 @pytest.mark.gpu
 def test_long_context_batch_8() -> None:

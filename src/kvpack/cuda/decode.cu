@@ -233,7 +233,7 @@ __device__ __forceinline__ void decode_int4(
     const unsigned char* __restrict__ KC, const u16* __restrict__ KS, const u16* __restrict__ KZ,
     const unsigned char* __restrict__ VC, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ WK, const u16* __restrict__ WV, const int* __restrict__ Start,
-    const int* __restrict__ End, float qk_scale, int n_quant, int n_window, int full, int num_splits,
+    const int* __restrict__ End, float qk_scale, int n_quant, int n_window, int chunk, int num_splits,
     int num_kv_heads, int rep, int lq, int group, i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som,
     i64 skcb, i64 skch, i64 sksb, i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh,
     i64 swkt, i64 swvb, i64 swvh, i64 swvt) {
@@ -270,16 +270,8 @@ __device__ __forceinline__ void decode_int4(
     if (End != nullptr) end = min(End[b], end);
     const int begin = Start != nullptr ? Start[b] : 0;
 
-    // This (b, h)'s splits: num_splits for the first `full` of them, one fewer for the rest (so that
-    // the grid's programs fill whole waves of the GPU's slots); each takes an equal share of the
-    // context's tiles, to a tile. A program past its (b, h)'s splits has no tokens.
-    const int n_tiles = (n_quant + n_window + TILE - 1) / TILE;
-    const int splits_here = bh < full ? num_splits : num_splits - 1;
-    int lo = 0, hi = 0;
-    if (split < splits_here) {
-        lo = (int)((i64)split * n_tiles / splits_here) * TILE;
-        hi = min((int)((i64)(split + 1) * n_tiles / splits_here) * TILE, end);
-    }
+    int lo = split * chunk;
+    const int hi = min(lo + chunk, end);
     lo = max(lo, begin / TILE * TILE);
     const int q_hi = min(hi, n_quant);
 
@@ -725,12 +717,12 @@ __device__ __forceinline__ void decode_int4(
         const u16* __restrict__ KZ, const unsigned char* __restrict__ VC, const u16* __restrict__ VS, \
         const u16* __restrict__ VZ, const u16* __restrict__ WK, const u16* __restrict__ WV,          \
         const int* __restrict__ Start, const int* __restrict__ End, float qk_scale, int n_quant,      \
-        int n_window, int full, int num_splits, int num_kv_heads, int rep, int lq, int group,         \
+        int n_window, int chunk, int num_splits, int num_kv_heads, int rep, int lq, int group,        \
         i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som, i64 skcb, i64 skch, i64 sksb,          \
         i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh, i64 swkt, i64 swvb,    \
         i64 swvh, i64 swvt) {                                                                         \
         decode_int4<D, BF16>(Q, Out, MidO, MidL, KC, KS, KZ, VC, VS, VZ, WK, WV, Start, End,         \
-                             qk_scale, n_quant, n_window, full, num_splits, num_kv_heads, rep, lq,    \
+                             qk_scale, n_quant, n_window, chunk, num_splits, num_kv_heads, rep, lq,   \
                              group, sqb, sqh, sqm, sob, soh, som, skcb, skch, sksb, sksh, svcb, svch, \
                              svsb, svsh, swkb, swkh, swkt, swvb, swvh, swvt);                         \
     }

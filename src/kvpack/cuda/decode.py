@@ -117,10 +117,9 @@ def resident_per_sm(d: int, dtype: torch.dtype, device_index: int) -> int:
 def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch.Tensor,
            store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor, window_values: torch.Tensor,
            start: torch.Tensor | None, end: torch.Tensor | None, qk_scale: float, num_quantized: int,
-           num_window: int, splits: int, full: int, group: int) -> None:
+           num_window: int, chunk: int, splits: int, group: int) -> None:
     """Run ``decode.cu`` on torch's current stream: grid (batch x KV heads, splits), one warp each.
-    ``qk_scale`` is the softmax scale times log2(e). The first ``full`` (batch row, KV head) pairs
-    take ``splits`` splits, the others one fewer; each split an equal share of the tiles."""
+    ``qk_scale`` is the softmax scale times log2(e); ``chunk`` a multiple of :data:`TILE`."""
     import cupy
 
     from kvpack.cuda import _stream
@@ -144,7 +143,7 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     args = (
         ptr(q), ptr(out), ptr(mid_o), ptr(mid_l), ptr(kc), ptr(ks), ptr(kz), ptr(vc), ptr(vs), ptr(vz),
         ptr(window_keys), ptr(window_values), ptr(start), ptr(end),
-        np.float32(qk_scale), np.int32(num_quantized), np.int32(num_window), np.int32(full),
+        np.float32(qk_scale), np.int32(num_quantized), np.int32(num_window), np.int32(chunk),
         np.int32(splits), np.int32(hkv), np.int32(hq // hkv), np.int32(lq), np.int32(group),
         *strides(q, 3), *strides(out, 3), *strides(kc, 2), *strides(ks, 2), *strides(vc, 2), *strides(vs, 2),
         *strides(window_keys, 3), *strides(window_values, 3),

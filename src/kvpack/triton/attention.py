@@ -982,10 +982,10 @@ def decode_attention(
     block_m = config.block_m or max(MIN_BLOCK_M, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
     row_blocks = 1 if cuda else triton.cdiv(rows, block_m)
     block_n = cuda_decode.TILE if cuda else config.block_n
-    if cuda:
-        splits, full = cuda_splits(q, bsz * hkv, tokens, config)
-    elif config.num_splits is None:
-        splits, chunk = choose_splits(tokens, bsz * hkv * row_blocks, block_n, q.device, config.num_warps)
+    if config.num_splits is None:
+        per_sm = cuda_decode.resident_per_sm(d, q.dtype, cuda_decode.device_index(q)) if cuda else None
+        splits, chunk = choose_splits(tokens, bsz * hkv * row_blocks, block_n, q.device, config.num_warps,
+                                      per_sm)
     else:
         splits, chunk = _chunked(tokens, config.num_splits, block_n)
     stamps = 3 * bsz * hkv * splits * row_blocks
@@ -1002,7 +1002,7 @@ def decode_attention(
     if cuda:
         _check_layout(q, *store, window_keys, window_values)
         cuda_decode.launch(q, out, mid_o, mid_l, store, window_keys, window_values, start, end,
-                           scale * math.log2(math.e), num_quantized, num_window, splits, full, group)
+                           scale * math.log2(math.e), num_quantized, num_window, chunk, splits, group)
     else:
         _launch_triton(q, out, mid_o, mid_l, store, window_keys, window_values, num_quantized, num_window,
                        key_scheme, value_scheme, group, scale, start, end, config, timeline, splits, chunk,
@@ -1014,30 +1014,6 @@ def decode_attention(
             INTERPRET=triton_interpreted(), num_warps=4 if block_d <= 128 else 8,
         )
     return out
-
-
-#: Tiles per split from which the CUDA kernel's splits fill every slot of their waves.
-FILL_MIN_TILES = 4
-
-
-def cuda_splits(q: torch.Tensor, programs: int, tokens: int, config: KernelConfig) -> tuple[int, int]:
-    """``(splits, full)`` of the CUDA kernel for ``programs`` (batch row, KV head) pairs over ``tokens``:
-    the first ``full`` pairs take ``splits`` splits, the rest one fewer. :func:`choose_splits` picks the
-    waves; then the splits fill every slot of them (one SM holds 12 programs: at B=8 with 8 KV heads,
-    24 splits leave 84 SMs with 12 programs and 48 with 11, and the SMs with 12 end last; 1,584 programs
-    of 10 or 11 tiles give each SM 12). Where a split would get fewer than :data:`FILL_MIN_TILES`
-    tiles or the splits would pass :data:`MAX_SPLITS`, or ``config.num_splits`` is given, every pair
-    takes the same number."""
-    if config.num_splits is not None:
-        return _chunked(tokens, config.num_splits, cuda_decode.TILE)[0], programs
-    per_sm = cuda_decode.resident_per_sm(q.shape[-1], q.dtype, cuda_decode.device_index(q))
-    splits, _ = choose_splits(tokens, programs, cuda_decode.TILE, q.device, 1, per_sm)
-    slots = per_sm * _sm_count(q.device)
-    base, extra = divmod(math.ceil(programs * splits / slots) * slots, programs)
-    most = min(MAX_SPLITS, triton.cdiv(tokens, FILL_MIN_TILES * cuda_decode.TILE))
-    if not 1 <= base < most:
-        return splits, programs
-    return (base + 1, extra) if extra else (base, programs)
 
 
 def takes_cuda_kernel(q: torch.Tensor, store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor,
