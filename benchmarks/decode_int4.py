@@ -39,8 +39,7 @@ _MODULES: dict = {}  # the last build's CuPy modules by (kernel, device)
 
 def _build(defines: dict[str, int]) -> None:
     """Make the CUDA kernel loader compile with these macros (``KVPACK_DECODE_MIN_BLOCKS``: programs per
-    SM the registers must allow; ``KVPACK_DECODE_ASYNC``: 0 loads each tile into registers;
-    ``KVPACK_DECODE_TIMELINE``: each program's timestamps)."""
+    SM the registers must allow; ``KVPACK_DECODE_TIMELINE``: each program's timestamps)."""
     import cupy
 
     options = ("-std=c++17", *(f"-D{k}={v}" for k, v in defines.items()))
@@ -120,7 +119,8 @@ def main() -> None:
         "--profile", action="store_true", help="kernel times of the default path under the profiler"
     )
     p.add_argument(
-        "--sync", action="store_true", help="also time builds loading tiles into registers (no cp.async)"
+        "--static", action="store_true",
+        help="also time the CUDA kernel with each program taking every splits-th unit (no shared counter)",
     )
     p.add_argument(
         "--timeline", action="store_true", help="each program's timestamps in one call of the default path"
@@ -170,14 +170,12 @@ def main() -> None:
         variants = [("triton", replace(base, kernel="triton"), None)]
         variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}) for m in args.min_blocks]
         variants += [(f"cuda-splits{n}", replace(base, num_splits=n), {}) for n in args.splits]
-        if args.sync:
-            variants += [
-                (f"cuda-sync-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m, "KVPACK_DECODE_ASYNC": 0})
-                for m in args.min_blocks
-            ]
+        if args.static:
+            variants += [("cuda-static", base, {})]
         for name, config, defines in variants:
             if defines is not None:
                 _build(defines)
+            cuda_decode.SHARE_TILES = name != "cuda-static"
             t = ms(lambda layer, c=config: decode(q, layer, config=c), [(layer,) for layer in layers])
             err = bench._rel_error(decode(q, first, config=config), ref)
             per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if defines is not None else None

@@ -171,6 +171,20 @@ def test_forced_splits(splits: int) -> None:
 
 @requires_cuda_kernel
 @pytest.mark.gpu
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("key_format", ["int4-channel-g256", "int4-channel-g320", "int4-channel-g1024"])
+def test_long_key_groups_and_both_schedules(key_format: str, share: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Units of 4 tiles: a key group of 4, one that a unit crosses (320 tokens), one of 16 tiles; the
+    # programs taking units from the shared counter or every splits-th one.
+    monkeypatch.setattr(cuda_decode, "SHARE_TILES", share)
+    layer = make_layer(batch=2, kv_heads=2, tokens=6000 + 33, key_format=key_format)
+    for splits in (None, 3):
+        check(queries(layer, 8, 1), layer, splits=splits)
+
+
+@requires_cuda_kernel
+@pytest.mark.gpu
 def test_groups_of_128_tokens_and_softmax_scale() -> None:
     layer = make_layer(tokens=3000, key_format="int4-channel-g128")
     check(queries(layer, 8, 1), layer, scale=0.3)
@@ -178,9 +192,11 @@ def test_groups_of_128_tokens_and_softmax_scale() -> None:
 
 @requires_cuda_kernel
 @pytest.mark.gpu
+@pytest.mark.parametrize("key_format", ["int4-channel-g64", "int4-channel-g128"])
 @pytest.mark.parametrize("q_len", [1, 2])
-def test_padded_batch(q_len: int) -> None:
-    layer = make_layer(batch=4, tokens=3000, dtype=torch.bfloat16)
+def test_padded_batch(q_len: int, key_format: str) -> None:
+    # Row starts inside a tile and inside a 2-tile unit (g128), ends before the window and inside it.
+    layer = make_layer(batch=4, tokens=3000, dtype=torch.bfloat16, key_format=key_format)
     n = layer.seq_length
     start = torch.tensor([0, 1000, 17, 2900], device="cuda")
     lengths = torch.tensor([n, n - 40, n - 1500, n - 1], device="cuda")

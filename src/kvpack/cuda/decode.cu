@@ -56,12 +56,6 @@ typedef unsigned int u32;
 #ifndef KVPACK_DECODE_MIN_BLOCKS
 #define KVPACK_DECODE_MIN_BLOCKS 12
 #endif
-// 1: each tile's bytes (codes, value scales, a new key group's scales) are copied into shared memory
-// by cp.async one tile ahead, while the tile before computes; 0: loaded into registers at the top of
-// the tile's iteration.
-#ifndef KVPACK_DECODE_ASYNC
-#define KVPACK_DECODE_ASYNC 1
-#endif
 // Profiling builds only (benchmarks/decode_int4.py --timeline): each program's start, end of its
 // prologue, end of its store's tiles and end (ns, %globaltimer) and its SM, in a module global.
 #ifdef KVPACK_DECODE_TIMELINE
@@ -233,7 +227,7 @@ __device__ __forceinline__ void decode_int4(
     const unsigned char* __restrict__ KC, const u16* __restrict__ KS, const u16* __restrict__ KZ,
     const unsigned char* __restrict__ VC, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ WK, const u16* __restrict__ WV, const int* __restrict__ Start,
-    const int* __restrict__ End, float qk_scale, int n_quant, int n_window, int chunk, int num_splits,
+    const int* __restrict__ End, int* __restrict__ Units, float qk_scale, int n_quant, int n_window, int num_splits,
     int num_kv_heads, int rep, int lq, int group, i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som,
     i64 skcb, i64 skch, i64 sksb, i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh,
     i64 swkt, i64 swvb, i64 swvh, i64 swvt) {
@@ -249,7 +243,6 @@ __device__ __forceinline__ void decode_int4(
     typedef typename Bytes<VB>::type VRow;
     typedef typename QueryType<BF16>::type QT;
 
-#if KVPACK_DECODE_ASYNC
     // Two stages of one tile's bytes. Codes lane-major (lane l's 16-, 8- or 4-byte slots side by
     // side: conflict-free), each lane copying and reading back only its own; then the tile's value
     // scales and zeros (64 + 64 float16) and, when the tile starts a key group, the group's key scale
@@ -257,7 +250,6 @@ __device__ __forceinline__ void decode_int4(
     constexpr int KSTAGE = 8 * 32 * KB, VSTAGE = 16 * 32 * VB, SSTAGE = KSTAGE + VSTAGE;
     constexpr int GSTAGE = SSTAGE + 4 * TILE, STAGE = GSTAGE + 4 * D;
     __shared__ __align__(16) unsigned char stages[2][STAGE];
-#endif
 
     TIMELINE_MARK(0);
     const int lane = threadIdx.x;
@@ -270,10 +262,28 @@ __device__ __forceinline__ void decode_int4(
     if (End != nullptr) end = min(End[b], end);
     const int begin = Start != nullptr ? Start[b] : 0;
 
-    int lo = split * chunk;
-    const int hi = min(lo + chunk, end);
-    lo = max(lo, begin / TILE * TILE);
-    const int q_hi = min(hi, n_quant);
+    // Work items of this (b, h), in order: the window's tiles (full precision, true units), then the
+    // store's units of ut tiles (one key group, or 4 tiles of a longer one). Program `split` takes item
+    // `split` first, then the next free one from the pair's counter in Units (zeroed for each call):
+    // programs on the GPU's faster SMs take more items (SMs stream at rates up to 20% apart). Without
+    // Units, every num_splits-th item.
+    const int ut = group / TILE < 4 ? group / TILE : 4;
+    const int unit_tokens = ut * TILE;
+    const int q_end = min(end, n_quant);
+    const int w_first = max(n_quant, begin / TILE * TILE);
+    const int n_wtiles = w_first < end ? (end - w_first + TILE - 1) / TILE : 0;
+    const int u_first = begin / unit_tokens;
+    const int n_units = q_end > u_first * unit_tokens ? (q_end - 1) / unit_tokens + 1 - u_first : 0;
+    const int n_items = n_wtiles + n_units;
+    auto unit_start = [&](int item) { return max((u_first + item - n_wtiles) * unit_tokens, begin / TILE * TILE); };
+    auto unit_stop = [&](int item) { return min((u_first + item - n_wtiles + 1) * unit_tokens, q_end); };
+    int ticket = 0;  // lane 0: the counter's answer for this program's next item, asked one step ahead
+    auto request = [&]() {
+        if (Units != nullptr && lane == 0) ticket = atomicAdd(Units + bh, 1);
+    };
+    auto resolve = [&](int item) {
+        return Units != nullptr ? num_splits + __shfl_sync(0xffffffffu, ticket, 0) : item + num_splits;
+    };
 
     const unsigned char* kc = KC + b * skcb + h * skch;
     const unsigned char* vc = VC + b * svcb + h * svch;
@@ -281,9 +291,8 @@ __device__ __forceinline__ void decode_int4(
     const u16* kz = KZ + b * sksb + h * sksh;
     const u16* vs = VS + b * svsb + h * svsh;
     const u16* vz = VZ + b * svsb + h * svsh;
-    // Tiles that fold a new key group's scales into the query: the split's first and each group's.
-    auto new_group = [&](int t0) { return t0 == lo || t0 % group == 0; };
-#if KVPACK_DECODE_ASYNC
+    int issued_group = -1;  // the key group whose rows this warp copied last
+
     auto issue_tile = [&](int t0, int st) {
         unsigned char* s = stages[st];
 #pragma unroll
@@ -292,15 +301,19 @@ __device__ __forceinline__ void decode_int4(
         for (int u = 0; u < 16; ++u)
             cp_async<VB>(s + KSTAGE + u * 32 * VB + lane * VB, vc + (t0 + 16 * t + u) * NB + VB * g);
         if (lane < 16) cp_async<16>(s + SSTAGE + 16 * lane, (lane < 8 ? vs : vz) + t0 + 8 * (lane & 7));
-        if (new_group(t0) && lane < D / 4) {  // D / 8 chunks of 16 bytes per row
-            const i64 row = (i64)(t0 / group) * D;
-            cp_async<16>(s + GSTAGE + 16 * lane, (lane < D / 8 ? ks : kz) + row + 8 * (lane % (D / 8)));
+        if (t0 / group != issued_group) {  // a new key group for this warp: its scale and zero rows
+            issued_group = t0 / group;
+            if (lane < D / 4) {  // D / 8 chunks of 16 bytes per row
+                const i64 row = (i64)issued_group * D;
+                cp_async<16>(s + GSTAGE + 16 * lane, (lane < D / 8 ? ks : kz) + row + 8 * (lane % (D / 8)));
+            }
         }
     };
-    if (lo < q_hi) issue_tile(lo, 0);  // the first tile's bytes travel while the query is read
+    int item = split;
+    request();
+    if (item >= n_wtiles && item < n_items) issue_tile(unit_start(item), 0);  // copied during the prologue
     cp_async_commit();
     int stage = 0;
-#endif
 
     // The query, as B fragments: lane (g, t) holds row g's channels CPT t .. CPT t + CPT - 1 (the key
     // slots' channels, see the header), read straight from global memory (16 bytes at a time where
@@ -362,15 +375,14 @@ __device__ __forceinline__ void decode_int4(
     float R = 0.0f;                      // the accumulator's unit: acc = sum p v / R
 
     // Score fragment sc[j] holds tokens 8g+2j (entries 0, 1) and 8g+2j+1 (2, 3) of the tile at t0,
-    // for rows r0 (entries 0, 2) and r1 (1, 3). A split's tiles never cross its end hi except at
-    // the context's end, so [begin, hi) bounds the store's tiles and the window's alike.
+    // for rows r0 (entries 0, 2) and r1 (1, 3); tokens outside [begin, end) are masked.
     auto mask = [&](float (&sc)[4][4], int t0) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int tok = t0 + 8 * g + 2 * j + e;
-                const bool ok = tok >= begin && tok < hi;
+                const bool ok = tok >= begin && tok < end;
                 if (!(ok && tok <= qpos0)) sc[j][2 * e] = NEG_INF;
                 if (!(ok && tok <= qpos1)) sc[j][2 * e + 1] = NEG_INF;
             }
@@ -391,34 +403,134 @@ __device__ __forceinline__ void decode_int4(
         m0 = mx0;
         m1 = mx1;
     };
-    float acc[MT][4];  // out^T fragments: sum p' c, times 16 in m-tiles 4w+1 and 4w+3 (high nibbles)
+    float acc[MT][4];  // out^T fragments
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.0f;
-    // acc in true units: high nibbles divided by 16, times R (once: before the window's products,
-    // which add true values, or at the end).
-    bool settled = false;
-    auto settle = [&]() {
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            const float f = (mt & 1) ? 0.0625f * R : R;
-#pragma unroll
-            for (int k = 0; k < 4; ++k) acc[mt][k] *= f;
-        }
-        R = 1.0f;
-        settled = true;
-    };
+    // acc's units: true (sum p v) through the window's tiles; from the first store tile with a nonzero
+    // value scale on, sum p (s_t / R) c, times 16 in m-tiles 4w+1 and 4w+3 (high nibbles), R the
+    // largest value scale so far.
+    bool store_units = false;
 
     const float a0 = qmax0 * qk_scale, a1 = qmax1 * qk_scale;  // score = mma a + c, rows r0, r1
     u32 qs[KSTEPS][2];  // qn times this key group's scales
     float c0 = 0.0f, c1 = 0.0f;
+    int krow = -1;      // the key group folded into qs
 
     TIMELINE_MARK(1);
-    for (int t0 = lo; t0 < q_hi; t0 += TILE) {
+    if (item < n_wtiles) {
+        // Raw query, B fragments in the key slots' channel order.
+        u32 qb[KSTEPS][2];
+        {
+            const int n = g;
+            const u16* qrow = Q + b * sqb + (h * rep + n / lq) * sqh + (i64)(n % lq) * sqm + CPT * t;
+#pragma unroll
+            for (int st = 0; st < KSTEPS; ++st) {
+                const int base = 8 * (st >> 1) + 2 * (st & 1);
+                u32 v[4];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const int off = base + (k >> 1) + 4 * (k & 1);  // pairs (base, base+4), (base+1, base+5)
+                    v[k] = n < rows ? qrow[off] : 0u;
+                }
+                qb[st][0] = v[0] | v[1] << 16;
+                qb[st][1] = v[2] | v[3] << 16;
+            }
+        }
+        const u16* wk = WK + b * swkb + h * swkh;
+        const u16* wv = WV + b * swvb + h * swvh;
+        do {  // window tiles
+            const int t0 = w_first + item * TILE;
+            float sc[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+                const int tk0 = t0 + 8 * g + 2 * j, tk1 = tk0 + 1;
+                const u16* k0 = wk + (i64)(tk0 - n_quant) * swkt + CPT * t;
+                const u16* k1 = wk + (i64)(tk1 - n_quant) * swkt + CPT * t;
+#pragma unroll
+                for (int st = 0; st < KSTEPS; ++st) {
+                    const int base = 8 * (st >> 1) + 2 * (st & 1);
+                    u32 f[4];
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const u16* kr = (k & 1) ? k1 : k0;
+                        const bool ok = ((k & 1) ? tk1 : tk0) < end;
+                        const int off = base + (k >> 1);
+                        const u32 lo16 = ok ? kr[off] : 0u, hi16 = ok ? kr[off + 4] : 0u;
+                        f[k] = lo16 | hi16 << 16;
+                    }
+                    mma<BF16>(sc[j], f, qb[st][0], qb[st][1]);
+                }
+#pragma unroll
+                for (int e = 0; e < 4; ++e) sc[j][e] *= qk_scale;
+            }
+            mask(sc, t0);
+            float alpha0, alpha1;
+            advance_max(sc, alpha0, alpha1);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                acc[mt][0] *= alpha0;
+                acc[mt][2] *= alpha0;
+                acc[mt][1] *= alpha1;
+                acc[mt][3] *= alpha1;
+            }
+            l0 *= alpha0;
+            l1 *= alpha1;
+            z0 *= alpha0;
+            z1 *= alpha1;
+            u32 pb[4][2];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float p00 = exp2_approx(sc[j][0] - m0), p01 = exp2_approx(sc[j][1] - m1);
+                const float p10 = exp2_approx(sc[j][2] - m0), p11 = exp2_approx(sc[j][3] - m1);
+                l0 += p00 + p10;
+                l1 += p01 + p11;
+                pb[j][0] = transpose8x8(BF16 ? pack_bf16(p00, p01) : pack_f16(p00, p01));
+                pb[j][1] = transpose8x8(BF16 ? pack_bf16(p10, p11) : pack_f16(p10, p11));
+            }
+            // Value slots as in the store: lane (g, t) holds channel slots g, g+8 of m-tile 4w+n,
+            // channels D/8 g + 8w + n and + 4, tokens 16t + {2j, 2j+8} and {2j+1, 2j+9}.
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int tk[4] = {t0 + 16 * t + 2 * j, t0 + 16 * t + 2 * j + 8, t0 + 16 * t + 2 * j + 1,
+                                   t0 + 16 * t + 2 * j + 9};
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int ch = (D / 8) * g + 8 * (mt >> 2) + (mt & 3);
+                    u32 vals[4][2];  // token k: channel ch (rows g), ch + 4 (rows g+8)
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const bool ok = tk[k] < end;
+                        const u16* vr = wv + (i64)(tk[k] - n_quant) * swvt + ch;
+                        vals[k][0] = ok ? vr[0] : 0u;
+                        vals[k][1] = ok ? vr[4] : 0u;
+                    }
+                    const u32 f[4] = {vals[0][0] | vals[1][0] << 16, vals[0][1] | vals[1][1] << 16,
+                                      vals[2][0] | vals[3][0] << 16, vals[2][1] | vals[3][1] << 16};
+                    mma<BF16>(acc[mt], f, pb[j][0], pb[j][1]);
+                }
+            }
+            item = resolve(item);
+            request();
+            if (item >= n_wtiles && item < n_items) issue_tile(unit_start(item), 0);
+            cp_async_commit();
+        } while (item < n_wtiles);
+    }
+
+    // Store tiles: each tile's bytes copied one tile ahead, from the unit's next tile or the next unit.
+    int t0 = item < n_items ? unit_start(item) : 0, stop = item < n_items ? unit_stop(item) : 0;
+    while (item < n_items) {
+        int next = t0 + TILE, next_stop = stop;
+        if (next >= stop) {
+            item = resolve(item);
+            request();
+            next = item < n_items ? unit_start(item) : -1;
+            next_stop = item < n_items ? unit_stop(item) : 0;
+        }
         KRow kw[8];
         VRow vw[16];
-#if KVPACK_DECODE_ASYNC
         __syncwarp();  // every lane done with the stage the next tile's copies overwrite
-        if (t0 + TILE < q_hi) issue_tile(t0 + TILE, stage ^ 1);
+        if (next >= 0) issue_tile(next, stage ^ 1);
         cp_async_commit();
         cp_async_wait<1>();  // this lane's copies of this tile have landed
         __syncwarp();        // and every other lane's
@@ -432,20 +544,9 @@ __device__ __forceinline__ void decode_int4(
         const uint4 vzw = *reinterpret_cast<const uint4*>(s + SSTAGE + 128 + 16 * g);
         const u16* sr = reinterpret_cast<const u16*>(s + GSTAGE) + CPT * t;
         const u16* zr = sr + D;
-#else
-#pragma unroll
-        for (int u = 0; u < 8; ++u)
-            kw[u] = *reinterpret_cast<const KRow*>(kc + (t0 + 8 * g + u) * NB + KB * t);
-#pragma unroll
-        for (int u = 0; u < 16; ++u)
-            vw[u] = *reinterpret_cast<const VRow*>(vc + (t0 + 16 * t + u) * NB + VB * g);
-        const uint4 vsw = *reinterpret_cast<const uint4*>(vs + t0 + 8 * g);
-        const uint4 vzw = *reinterpret_cast<const uint4*>(vz + t0 + 8 * g);
-        const u16* sr = ks + (i64)(t0 / group) * D + CPT * t;
-        const u16* zr = kz + (i64)(t0 / group) * D + CPT * t;
-#endif
 
-        if (new_group(t0)) {  // a new key group: fold its scales into the query
+        if (t0 / group != krow) {  // a new key group: fold its scales into the query
+            krow = t0 / group;
             // c: q.(z + 8 s) from the tensor cores (the centred zero points as an A operand whose
             // rows are alike), since k = s c + z = s (c - 8) + (z + 8 s).
             float kb[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -513,13 +614,20 @@ __device__ __forceinline__ void decode_int4(
             top = fmaxf(top, fmaxf(vsc[2 * k], vsc[2 * k + 1]));
         }
         top = warp_max_g(top);
-        float grow = 1.0f;
+        // acc's rescale: alpha, times R_old / R when R grows (from true units at the first nonzero scale).
+        float grow_e = 1.0f, grow_o = 1.0f;  // m-tiles of low and of high nibbles
         if (top > R) {
-            grow = R / top;
+            if (store_units) {
+                grow_e = grow_o = R / top;
+            } else {
+                grow_e = 1.0f / top;
+                grow_o = 16.0f / top;
+                store_units = true;
+            }
             R = top;
         }
         const float inv_r = R > 0.0f ? 1.0f / R : 0.0f;  // all scales so far 0: so are the weights
-        const float f0 = alpha0 * grow, f1 = alpha1 * grow;
+        const float f0e = alpha0 * grow_e, f1e = alpha1 * grow_e, f0o = alpha0 * grow_o, f1o = alpha1 * grow_o;
         l0 *= alpha0;
         l1 *= alpha1;
         z0 *= alpha0;
@@ -570,113 +678,17 @@ __device__ __forceinline__ void decode_int4(
                     mma<false>(sum, fr, pb[j][0], pb[j][1]);
                 }
                 float* o = acc[4 * w + n];
+                const float f0 = n & 1 ? f0o : f0e, f1 = n & 1 ? f1o : f1e;
                 o[0] = fmaf(o[0], f0, sum[0]);
                 o[2] = fmaf(o[2], f0, sum[2]);
                 o[1] = fmaf(o[1], f1, sum[1]);
                 o[3] = fmaf(o[3], f1, sum[3]);
             }
         }
+        t0 = next;
+        stop = next_stop;
     }
-
     TIMELINE_MARK(2);
-
-    // The window: full-precision keys and values in the query dtype, same fragment slots.
-    const int w_lo = max(lo, n_quant);
-    if (w_lo < hi) {
-        settle();
-        // Raw query, B fragments in the key slots' channel order.
-        u32 qb[KSTEPS][2];
-        {
-            const int n = g;
-            const u16* qrow = Q + b * sqb + (h * rep + n / lq) * sqh + (i64)(n % lq) * sqm + CPT * t;
-#pragma unroll
-            for (int st = 0; st < KSTEPS; ++st) {
-                const int base = 8 * (st >> 1) + 2 * (st & 1);
-                u32 v[4];
-#pragma unroll
-                for (int k = 0; k < 4; ++k) {
-                    const int off = base + (k >> 1) + 4 * (k & 1);  // pairs (base, base+4), (base+1, base+5)
-                    v[k] = n < rows ? qrow[off] : 0u;
-                }
-                qb[st][0] = v[0] | v[1] << 16;
-                qb[st][1] = v[2] | v[3] << 16;
-            }
-        }
-        const u16* wk = WK + b * swkb + h * swkh;
-        const u16* wv = WV + b * swvb + h * swvh;
-        for (int t0 = w_lo; t0 < hi; t0 += TILE) {
-            float sc[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
-                const int tk0 = t0 + 8 * g + 2 * j, tk1 = tk0 + 1;
-                const u16* k0 = wk + (i64)(tk0 - n_quant) * swkt + CPT * t;
-                const u16* k1 = wk + (i64)(tk1 - n_quant) * swkt + CPT * t;
-#pragma unroll
-                for (int st = 0; st < KSTEPS; ++st) {
-                    const int base = 8 * (st >> 1) + 2 * (st & 1);
-                    u32 f[4];
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        const u16* kr = (k & 1) ? k1 : k0;
-                        const bool ok = ((k & 1) ? tk1 : tk0) < hi;
-                        const int off = base + (k >> 1);
-                        const u32 lo16 = ok ? kr[off] : 0u, hi16 = ok ? kr[off + 4] : 0u;
-                        f[k] = lo16 | hi16 << 16;
-                    }
-                    mma<BF16>(sc[j], f, qb[st][0], qb[st][1]);
-                }
-#pragma unroll
-                for (int e = 0; e < 4; ++e) sc[j][e] *= qk_scale;
-            }
-            mask(sc, t0);
-            float alpha0, alpha1;
-            advance_max(sc, alpha0, alpha1);
-#pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                acc[mt][0] *= alpha0;
-                acc[mt][2] *= alpha0;
-                acc[mt][1] *= alpha1;
-                acc[mt][3] *= alpha1;
-            }
-            l0 *= alpha0;
-            l1 *= alpha1;
-            z0 *= alpha0;
-            z1 *= alpha1;
-            u32 pb[4][2];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float p00 = exp2_approx(sc[j][0] - m0), p01 = exp2_approx(sc[j][1] - m1);
-                const float p10 = exp2_approx(sc[j][2] - m0), p11 = exp2_approx(sc[j][3] - m1);
-                l0 += p00 + p10;
-                l1 += p01 + p11;
-                pb[j][0] = transpose8x8(BF16 ? pack_bf16(p00, p01) : pack_f16(p00, p01));
-                pb[j][1] = transpose8x8(BF16 ? pack_bf16(p10, p11) : pack_f16(p10, p11));
-            }
-            // Value slots as in the store: lane (g, t) holds channel slots g, g+8 of m-tile 4w+n,
-            // channels D/8 g + 8w + n and + 4, tokens 16t + {2j, 2j+8} and {2j+1, 2j+9}.
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const int tk[4] = {t0 + 16 * t + 2 * j, t0 + 16 * t + 2 * j + 8, t0 + 16 * t + 2 * j + 1,
-                                   t0 + 16 * t + 2 * j + 9};
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const int ch = (D / 8) * g + 8 * (mt >> 2) + (mt & 3);
-                    u32 vals[4][2];  // token k: channel ch (rows g), ch + 4 (rows g+8)
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        const bool ok = tk[k] < hi;
-                        const u16* vr = wv + (i64)(tk[k] - n_quant) * swvt + ch;
-                        vals[k][0] = ok ? vr[0] : 0u;
-                        vals[k][1] = ok ? vr[4] : 0u;
-                    }
-                    const u32 f[4] = {vals[0][0] | vals[1][0] << 16, vals[0][1] | vals[1][1] << 16,
-                                      vals[2][0] | vals[3][0] << 16, vals[2][1] | vals[3][1] << 16};
-                    mma<BF16>(acc[mt], f, pb[j][0], pb[j][1]);
-                }
-            }
-        }
-    }
 
     // Finish: the softmax sums and zero-point terms over the lanes of each row, then the output.
     l0 = warp_sum_g(l0);
@@ -684,7 +696,14 @@ __device__ __forceinline__ void decode_int4(
     z0 = warp_sum_g(z0);
     z1 = warp_sum_g(z1);
     const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-    if (!settled) settle();
+    if (store_units) {  // acc in true units
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const float f = (mt & 1) ? 0.0625f * R : R;
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[mt][k] *= f;
+        }
+    }
 #pragma unroll
     for (int e = 0; e < 2; ++e) {
         const int n = 2 * t + e;
@@ -716,13 +735,14 @@ __device__ __forceinline__ void decode_int4(
         float* __restrict__ MidL, const unsigned char* __restrict__ KC, const u16* __restrict__ KS,   \
         const u16* __restrict__ KZ, const unsigned char* __restrict__ VC, const u16* __restrict__ VS, \
         const u16* __restrict__ VZ, const u16* __restrict__ WK, const u16* __restrict__ WV,          \
-        const int* __restrict__ Start, const int* __restrict__ End, float qk_scale, int n_quant,      \
-        int n_window, int chunk, int num_splits, int num_kv_heads, int rep, int lq, int group,        \
+        const int* __restrict__ Start, const int* __restrict__ End, int* __restrict__ Units,         \
+        float qk_scale, int n_quant, int n_window, int num_splits, int num_kv_heads, int rep, int lq, \
+        int group,                                                                                    \
         i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som, i64 skcb, i64 skch, i64 sksb,          \
         i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh, i64 swkt, i64 swvb,    \
         i64 swvh, i64 swvt) {                                                                         \
-        decode_int4<D, BF16>(Q, Out, MidO, MidL, KC, KS, KZ, VC, VS, VZ, WK, WV, Start, End,         \
-                             qk_scale, n_quant, n_window, chunk, num_splits, num_kv_heads, rep, lq,   \
+        decode_int4<D, BF16>(Q, Out, MidO, MidL, KC, KS, KZ, VC, VS, VZ, WK, WV, Start, End, Units,  \
+                             qk_scale, n_quant, n_window, num_splits, num_kv_heads, rep, lq,          \
                              group, sqb, sqh, sqm, sob, soh, som, skcb, skch, sksb, sksh, svcb, svch, \
                              svsb, svsh, swkb, swkh, swkt, swvb, swvh, swvt);                         \
     }

@@ -36,6 +36,10 @@ HEAD_DIMS = (64, 128)
 MAX_ROWS = 8
 _NAMES = {(d, dt): f"decode_int4_d{d}_{'bf16' if dt == torch.bfloat16 else 'f16'}"
           for d in HEAD_DIMS for dt in (torch.float16, torch.bfloat16)}
+#: The programs of a (batch row, KV head) take its tiles from a counter, so that those on the GPU's
+#: faster SMs take more (an H100's SMs streamed at rates up to 20% apart, and the slowest set the
+#: kernel's end); False: each takes every ``splits``-th unit (benchmarks compare the two).
+SHARE_TILES = True
 _REGISTERS_PER_SM = 65536
 _MAX_BLOCKS_PER_SM = 32
 _SHARED_RESERVED_PER_BLOCK = 1024
@@ -117,9 +121,10 @@ def resident_per_sm(d: int, dtype: torch.dtype, device_index: int) -> int:
 def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch.Tensor,
            store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor, window_values: torch.Tensor,
            start: torch.Tensor | None, end: torch.Tensor | None, qk_scale: float, num_quantized: int,
-           num_window: int, chunk: int, splits: int, group: int) -> None:
-    """Run ``decode.cu`` on torch's current stream: grid (batch x KV heads, splits), one warp each.
-    ``qk_scale`` is the softmax scale times log2(e); ``chunk`` a multiple of :data:`TILE`."""
+           num_window: int, splits: int, group: int) -> None:
+    """Run ``decode.cu`` on torch's current stream: grid (batch x KV heads, splits), one warp each,
+    the warps of a (batch row, KV head) taking its tiles from a counter (:data:`SHARE_TILES`).
+    ``qk_scale`` is the softmax scale times log2(e)."""
     import cupy
 
     from kvpack.cuda import _stream
@@ -129,6 +134,8 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     kc, ks, kz, vc, vs, vz = store
     # The kernel reads one int32 per batch row (the Triton kernel takes any integer type).
     start, end = (None if x is None else x.to(torch.int32).contiguous() for x in (start, end))
+    # One counter per (batch row, KV head), zeroed for each call (a memset; graph-capturable).
+    units = torch.zeros(bsz * hkv, dtype=torch.int32, device=q.device) if SHARE_TILES and splits > 1 else None
     if kc is None:  # an empty store is never read: any pointer of the right strides' kind will do
         kc = vc = torch.empty(1, 1, 1, d // 2, dtype=torch.uint8, device=q.device)
         ks = kz = torch.empty(1, 1, 1, d, dtype=torch.float16, device=q.device)
@@ -142,9 +149,9 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
 
     args = (
         ptr(q), ptr(out), ptr(mid_o), ptr(mid_l), ptr(kc), ptr(ks), ptr(kz), ptr(vc), ptr(vs), ptr(vz),
-        ptr(window_keys), ptr(window_values), ptr(start), ptr(end),
-        np.float32(qk_scale), np.int32(num_quantized), np.int32(num_window), np.int32(chunk),
-        np.int32(splits), np.int32(hkv), np.int32(hq // hkv), np.int32(lq), np.int32(group),
+        ptr(window_keys), ptr(window_values), ptr(start), ptr(end), ptr(units),
+        np.float32(qk_scale), np.int32(num_quantized), np.int32(num_window), np.int32(splits),
+        np.int32(hkv), np.int32(hq // hkv), np.int32(lq), np.int32(group),
         *strides(q, 3), *strides(out, 3), *strides(kc, 2), *strides(ks, 2), *strides(vc, 2), *strides(vs, 2),
         *strides(window_keys, 3), *strides(window_values, 3),
     )

@@ -1002,7 +1002,7 @@ def decode_attention(
     if cuda:
         _check_layout(q, *store, window_keys, window_values)
         cuda_decode.launch(q, out, mid_o, mid_l, store, window_keys, window_values, start, end,
-                           scale * math.log2(math.e), num_quantized, num_window, chunk, splits, group)
+                           scale * math.log2(math.e), num_quantized, num_window, splits, group)
     else:
         _launch_triton(q, out, mid_o, mid_l, store, window_keys, window_values, num_quantized, num_window,
                        key_scheme, value_scheme, group, scale, start, end, config, timeline, splits, chunk,
