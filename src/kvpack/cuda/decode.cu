@@ -8,9 +8,13 @@
 // the query dtype (float16 or bfloat16). Query rows: the GQA heads of one KV head times the new
 // tokens, at most 8. Head dim 64 or 128.
 //
-// One warp is one program: a (batch row, KV head) and a chunk of the context (flash-decoding
-// split), walked in tiles of 64 tokens. Both products are computed transposed, so that the eight
-// query rows are the mma's N side and the codes its A operand, loaded as they lie in memory:
+// One warp is one program: one of num_splits partial softmaxes of a (batch row, KV head)
+// (flash-decoding split). The programs of a pair take its work from a counter: the window's tiles,
+// then units of one key group (at most 4 tiles), so that programs on faster SMs take more (an H100's
+// SMs stream at rates up to 20% apart; fixed chunks left the kernel waiting for the slowest). Each
+// tile's bytes are copied into shared memory (cp.async) while the tile before computes. Both
+// products are computed transposed, so that the eight query rows are the mma's N side and the codes
+// its A operand, loaded as they lie in memory:
 //
 //   scores^T [16 tokens x 8 rows] = (K codes - 8) [16 x D] . (q s)^T      (mma m16n8k16, float16)
 //   out^T    [16 channels x 8 rows] += V^T codes [16 x 16 tokens] . p'^T     (p' = p s_t / R)
