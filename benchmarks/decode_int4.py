@@ -25,6 +25,7 @@ from kvpack.bench import attention as bench
 from kvpack.bench import harness
 from kvpack.cuda import decode as cuda_decode
 from kvpack.cuda import pasted
+from kvpack.triton import attention as kernels
 from kvpack.triton.attention import default_config
 
 B, HQ, H, D = 8, 32, 8, 128
@@ -120,8 +121,9 @@ def main() -> None:
     )
     p.add_argument(
         "--static", action="store_true",
-        help="also time the CUDA kernel with each program taking every splits-th unit (no shared counter)",
+        help="also time the kernels with fixed chunks (no shared counter): cuda-static, triton-static",
     )
+    p.add_argument("--preset", default="int4", help="cache preset (int4; others run the Triton kernel only)")
     p.add_argument(
         "--timeline", action="store_true", help="each program's timestamps in one call of the default path"
     )
@@ -157,10 +159,10 @@ def main() -> None:
         sdpa = ms(lambda k, v: bench.sdpa_decode(q, k, v, True), kv)
         del kv
         torch.cuda.empty_cache()
-        first = bench.filled_layer("int4", B, H, ctx, D, dev)
+        first = bench.filled_layer(args.preset, B, H, ctx, D, dev)
         nbytes = bench.layer_bytes(first)
         layers = [first] + [
-            bench.filled_layer("int4", B, H, ctx, D, dev, seed=i)
+            bench.filled_layer(args.preset, B, H, ctx, D, dev, seed=i)
             for i in range(1, max(1, harness.rotation(nbytes, dev)))
         ]
         base = default_config(D, first.group, first.key_scheme, first.value_scheme, HQ // H)
@@ -170,12 +172,15 @@ def main() -> None:
         variants = [("triton", replace(base, kernel="triton"), None)]
         variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}) for m in args.min_blocks]
         variants += [(f"cuda-splits{n}", replace(base, num_splits=n), {}) for n in args.splits]
+        if args.preset != "int4":
+            variants = variants[:1]
         if args.static:
-            variants += [("cuda-static", base, {})]
+            variants += [("triton-static", replace(base, kernel="triton"), None)]
+            variants += [("cuda-static", base, {})] if args.preset == "int4" else []
         for name, config, defines in variants:
             if defines is not None:
                 _build(defines)
-            cuda_decode.SHARE_TILES = name != "cuda-static"
+            cuda_decode.SHARE_TILES = kernels.SHARE_TILES = not name.endswith("-static")
             t = ms(lambda layer, c=config: decode(q, layer, config=c), [(layer,) for layer in layers])
             err = bench._rel_error(decode(q, first, config=config), ref)
             per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if defines is not None else None

@@ -239,6 +239,23 @@ def test_padded_batch(padding: str, q_len: int) -> None:
     assert_rows_match(out, q, *layer.dequantized(), start, lengths, TOLERANCE)
 
 
+@pytest.mark.parametrize("share", [True, False])
+@pytest.mark.parametrize("preset", ["int8", "int4", "fp8"])
+def test_both_schedules_of_the_store(preset: str, share: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The splits' programs taking units of the store from a counter (SHARE_TILES) or reading one chunk
+    # each: padded rows, two query row blocks (a counter each), units of 4 tiles of 16 tokens.
+    from kvpack.triton import attention as kernels
+
+    monkeypatch.setattr(kernels, "SHARE_TILES", share)
+    layer = make_layer(*CACHE_PRESETS[preset], batch=3, tokens=700, residual=16)
+    n = layer.seq_length
+    start, lengths = torch.tensor([0, 70, 301]), torch.tensor([n, 599, 650])
+    q = queries(layer, 8, 2)
+    config = kernels.KernelConfig(block_n=16, num_splits=5, block_m=4)
+    out = decode(q, layer, start=start, lengths=lengths, config=config)
+    assert_rows_match(out, q, *layer.dequantized(), start, lengths, TOLERANCE)
+
+
 def test_incremental_decoding_ignores_spare_capacity() -> None:
     """Token by token across block flushes; the spare (never written) capacity of every buffer is
     poisoned, so reading one element too far shows up as NaN."""
