@@ -25,7 +25,6 @@ from kvpack.bench import attention as bench
 from kvpack.bench import harness
 from kvpack.cuda import decode as cuda_decode
 from kvpack.cuda import pasted
-from kvpack.triton import attention as kernels
 from kvpack.triton.attention import default_config
 
 B, HQ, H, D = 8, 32, 8, 128
@@ -121,7 +120,7 @@ def main() -> None:
     )
     p.add_argument(
         "--static", action="store_true",
-        help="also time the kernels with fixed chunks (no shared counter): cuda-static, triton-static",
+        help="also time the CUDA kernel with fixed chunks (no shared counter): cuda-static",
     )
     p.add_argument("--preset", default="int4", help="cache preset (int4; others run the Triton kernel only)")
     p.add_argument(
@@ -175,12 +174,11 @@ def main() -> None:
         if args.preset != "int4":
             variants = variants[:1]
         if args.static:
-            variants += [("triton-static", replace(base, kernel="triton"), None)]
             variants += [("cuda-static", base, {})] if args.preset == "int4" else []
         for name, config, defines in variants:
             if defines is not None:
                 _build(defines)
-            cuda_decode.SHARE_TILES = kernels.SHARE_TILES = not name.endswith("-static")
+            cuda_decode.SHARE_TILES = name != "cuda-static"
             t = ms(lambda layer, c=config: decode(q, layer, config=c), [(layer,) for layer in layers])
             err = bench._rel_error(decode(q, first, config=config), ref)
             per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if defines is not None else None

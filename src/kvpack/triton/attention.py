@@ -58,11 +58,9 @@ from kvpack.schemes import FP8_DTYPES, Scheme
 
 #: Most splits of one (batch row, KV head); the combine kernel holds them all in one tile.
 MAX_SPLITS = 128
-#: The programs of a (batch row, KV head, row block) take its store in units of this many tiles from a
-#: counter, so that those on the GPU's faster SMs take more (:func:`decode_attention`); False: each
-#: split reads one contiguous chunk (benchmarks compare the two).
-SHARE_TILES = True
-UNIT_TILES = tl.constexpr(4)
+#: Smallest tile of a GPU decode over packed (int4/int2) codes: 16-token tiles gave relative errors of
+#: 2-3 on an H100 (Triton 3.6; every shape, split and padding tried), while the interpreter's were right.
+MIN_PACKED_BLOCK_N = 32
 #: Fewest tokens worth a split of their own.
 MIN_SPLIT_TOKENS = 64
 #: What starting and draining a wave of programs costs, in tokens one program could stream meanwhile
@@ -649,7 +647,7 @@ def _softmax_step(s, tok, ok, qpos, m_i, l_i):
 def _decode_kernel(
     Q, Out, MidO, MidL,
     KC, KS, KZ, VC, VS, VZ, WK, WV,
-    Start, End, Timeline, Units,
+    Start, End, Timeline,
     qk_scale, n_quant, n_window, chunk, num_splits, num_kv_heads, rep, lq,
     stride_qb, stride_qh, stride_qm,
     stride_ob, stride_oh, stride_om,
@@ -667,7 +665,6 @@ def _decode_kernel(
     HAS_START: tl.constexpr, HAS_END: tl.constexpr, SPLIT: tl.constexpr, MASKED: tl.constexpr,
     V_WORDS: tl.constexpr, V_FIELDS: tl.constexpr, V_FW: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TIMELINE: tl.constexpr,
-    SHARED: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -718,23 +715,11 @@ def _decode_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # This program's tokens. Static (SHARED off): the split's chunk, less the tiles before the row's
-    # first valid token (whole tiles only, so that a tile never straddles two blocks of per-channel
-    # scales), the window's tiles with it. SHARED: the (b, h)'s store is cut into units of UNIT_TILES
-    # tiles that its programs take from a counter (Units, zeroed for each call), split s starting with
-    # unit s and each asking for its next unit while it computes this one, so that programs on faster
-    # SMs take more; the last split reads the window first.
+    # This split's tokens, less those before the row's first valid token (whole tiles only, so that a
+    # tile never straddles two blocks of per-channel scales).
     lo = split * chunk
     hi = tl.minimum(lo + chunk, end)
     lo = tl.maximum(lo, begin // BLOCK_N * BLOCK_N)
-    q_end = tl.minimum(end, n_quant)
-    first = begin // BLOCK_N * BLOCK_N
-    if SHARED:
-        w_lo = tl.where(split == num_splits - 1, tl.maximum(n_quant, first), end)
-        w_hi = end
-    else:
-        w_lo = tl.maximum(lo, n_quant)
-        w_hi = hi
 
     kc = KC + b * stride_kcb + h * stride_kch
     ks = KS + b * stride_ksb + h * stride_ksh
@@ -742,11 +727,37 @@ def _decode_kernel(
     vc = VC + b * stride_vcb + h * stride_vch
     vs = VS + b * stride_vsb + h * stride_vsh
     vz = VZ + b * stride_vsb + h * stride_vsh
+    q_hi = tl.minimum(hi, n_quant)
+    for t0 in range(lo, q_hi, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        ok = (tok < q_hi) & (tok >= begin)
+        if K_KIND == 2:
+            s = _packed_key_scores(q, q0, q1, q2, q3, q_max, q_sum, kc, ks, kz, tok, ok, offs_d, d_ok, t0,
+                                   stride_kct, stride_kst, D, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N,
+                                   BLOCK_D, K_FW, MASKED, INTERPRET)
+        else:
+            s = _key_scores(q, qn, q_max, kc, ks, tok, ok, offs_d, d_ok, t0, stride_kct, stride_kst, D,
+                            K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N, BLOCK_D, MASKED,
+                            INTERPRET)
+        m_i, l_i, p, alpha = _softmax_step(s * qk_scale, tok, ok, qpos, m_i, l_i)
+        if V_FIELDS:
+            o0, o1, o2, o3 = _value_fields(p, vc, vs, vz, tok, ok, t0, stride_vct, stride_vst, D, V_BITS,
+                                           V_SMODE, V_ROW_DIV, V_FW, MASKED, INTERPRET)
+            acc0 = acc0 * alpha[:, None] + o0
+            acc1 = acc1 * alpha[:, None] + o1
+            if V_BITS == 2:
+                acc2 = acc2 * alpha[:, None] + o2
+                acc3 = acc3 * alpha[:, None] + o3
+        else:
+            acc = acc * alpha[:, None] + _value_product(
+                p, vc, vs, vz, tok, ok, offs_d, d_ok, t0, stride_vct, stride_vst, dtype, D,
+                V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, BLOCK_N, BLOCK_D, MASKED, V_WORDS, INTERPRET)
+
     wk = WK + b * stride_wkb + h * stride_wkh
     wv = WV + b * stride_wvb + h * stride_wvh
-    for t0 in range(w_lo, w_hi, BLOCK_N):
+    for t0 in range(tl.maximum(lo, n_quant), hi, BLOCK_N):
         tok = t0 + tl.arange(0, BLOCK_N)
-        ok = (tok < w_hi) & (tok >= begin)
+        ok = (tok < hi) & (tok >= begin)
         w = tok - n_quant
         mask = ok[:, None] & d_ok[None, :]
         k = tl.load(wk + w[:, None] * stride_wkt + offs_d[None, :], mask=mask, other=0.0)
@@ -761,54 +772,6 @@ def _decode_kernel(
         else:
             v = tl.load(wv + w[:, None] * stride_wvt + offs_d[None, :], mask=mask, other=0.0)
             acc = acc * alpha[:, None] + _mm(pw, v, INTERPRET)
-
-    unit: tl.constexpr = UNIT_TILES * BLOCK_N
-    if SHARED:
-        counter = Units + pid_bh * tl.num_programs(2) + pid_m
-        u_first = begin // unit
-        n_units = tl.where(q_end > u_first * unit, (q_end - 1) // unit + 1 - u_first, 0)
-        item = split
-        upcoming = num_splits + tl.atomic_add(counter, 1)
-    else:
-        u_first = 0
-        n_units = 1
-        item = 0
-        upcoming = 1
-    while item < n_units:
-        if SHARED:
-            u_lo = tl.maximum((u_first + item) * unit, first)
-            u_hi = tl.minimum((u_first + item + 1) * unit, q_end)
-            item = upcoming
-            upcoming = num_splits + tl.atomic_add(counter, 1)
-        else:
-            u_lo = lo
-            u_hi = tl.minimum(hi, n_quant)
-            item = upcoming
-        for t0 in range(u_lo, u_hi, BLOCK_N):
-            tok = t0 + tl.arange(0, BLOCK_N)
-            ok = (tok < u_hi) & (tok >= begin)
-            if K_KIND == 2:
-                s = _packed_key_scores(q, q0, q1, q2, q3, q_max, q_sum, kc, ks, kz, tok, ok, offs_d, d_ok,
-                                       t0, stride_kct, stride_kst, D, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV,
-                                       BLOCK_N, BLOCK_D, K_FW, MASKED, INTERPRET)
-            else:
-                s = _key_scores(q, qn, q_max, kc, ks, tok, ok, offs_d, d_ok, t0, stride_kct, stride_kst, D,
-                                K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N, BLOCK_D, MASKED,
-                                INTERPRET)
-            m_i, l_i, p, alpha = _softmax_step(s * qk_scale, tok, ok, qpos, m_i, l_i)
-            if V_FIELDS:
-                o0, o1, o2, o3 = _value_fields(p, vc, vs, vz, tok, ok, t0, stride_vct, stride_vst, D, V_BITS,
-                                               V_SMODE, V_ROW_DIV, V_FW, MASKED, INTERPRET)
-                acc0 = acc0 * alpha[:, None] + o0
-                acc1 = acc1 * alpha[:, None] + o1
-                if V_BITS == 2:
-                    acc2 = acc2 * alpha[:, None] + o2
-                    acc3 = acc3 * alpha[:, None] + o3
-            else:
-                acc = acc * alpha[:, None] + _value_product(
-                    p, vc, vs, vz, tok, ok, offs_d, d_ok, t0, stride_vct, stride_vst, dtype, D,
-                    V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, BLOCK_N, BLOCK_D, MASKED, V_WORDS,
-                    INTERPRET)
 
     seen = l_i > 0
     l_seen = tl.where(seen, l_i, 1.0)
@@ -1016,6 +979,10 @@ def decode_attention(
     block_d = max(16, triton.next_power_of_2(d))
     rows = hq // hkv * lq
     config = config or default_config(d, group, key_scheme, value_scheme, rows)
+    if (config.block_n < MIN_PACKED_BLOCK_N and min(key_scheme.bits, value_scheme.bits) < 8
+            and not triton_interpreted()):
+        raise ValueError(f"block_n={config.block_n}: packed int4/int2 codes need tiles of at least "
+                         f"{MIN_PACKED_BLOCK_N} tokens on a GPU (16-token tiles give wrong scores there)")
     store = (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
     tokens = num_quantized + num_window
     cuda = takes_cuda_kernel(q, store, window_keys, tokens, key_scheme, value_scheme, group, config, timeline)
@@ -1105,16 +1072,13 @@ def _launch_triton(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_
     vfmt = _format_args(value_scheme, group, d, block_d, config.block_n)
     fields = (config.value_fields and vfmt["KIND"] == _PACKED
               and vfmt["SMODE"] in (_SCALE_TILE_ROW, _SCALE_TOKEN))
-    # One counter per (batch row, KV head, row block), zeroed for each call (a memset).
-    units = (torch.zeros(bsz * hkv * row_blocks, dtype=torch.int32, device=q.device)
-             if SHARE_TILES and splits > 1 else None)
     _decode_kernel[(bsz * hkv, splits, row_blocks)](
         q, out, mid_o, mid_l,
         key_codes, key_scale, key_scale if key_zero is None else key_zero,
         value_codes, value_scale, value_scale if value_zero is None else value_zero,
         window_keys, window_values,
         q if start is None else start, q if end is None else end,  # q: a placeholder, never read
-        q if timeline is None else timeline, q if units is None else units,
+        q if timeline is None else timeline,
         scale * math.log2(math.e), num_quantized, num_window, chunk, splits, hkv, hq // hkv, lq,
         *q.stride()[:3], *out.stride()[:3],
         *key_codes.stride()[:3], *key_scale.stride()[:3],
@@ -1129,7 +1093,6 @@ def _launch_triton(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_
         V_FW=max(16, block_d // value_scheme.per_byte),
         INTERPRET=triton_interpreted(),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, TIMELINE=timeline is not None,
-        SHARED=units is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
