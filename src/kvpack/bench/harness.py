@@ -294,6 +294,17 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from ``git_commit`` (then it does not name the code that ran)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return bool(out.stdout.strip()) if out.returncode == 0 else None
+
+
 def _version(module: str) -> str | None:
     try:
         return __import__(module).__version__
@@ -318,6 +329,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "numba": _version("numba"),
         "kvpack": _version("kvpack"),
         "git_commit": _git_commit(),
+        "git_dirty": _git_dirty(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if device.type == "cuda":
