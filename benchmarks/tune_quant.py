@@ -63,6 +63,10 @@ KERNELS: dict[str, tuple[str, str, torch.dtype, list[Tiles]]] = {
         # Fewer warps per program (as the decode kernel preferred on the H100): less cross-warp reduction.
         Tiles(128, 64, num_warps=2), Tiles(64, 128, num_warps=2), Tiles(64, 64, num_warps=2),
         Tiles(128, 32, num_warps=1), Tiles(64, 64, num_warps=1),
+        # Capped registers: 196 a thread left 8 warps per SM (Nsight Compute, sixth round).
+        Tiles(64, 128, num_warps=2, maxnreg=168), Tiles(64, 128, num_warps=2, maxnreg=128),
+        Tiles(64, 128, num_warps=4, maxnreg=128), Tiles(64, 128, num_warps=4, maxnreg=96),
+        Tiles(32, 128, num_warps=2, maxnreg=128), Tiles(64, 64, num_warps=2, maxnreg=96),
         # Around the best of the fourth round (64 x 128, 2 warps; 1.43 ms with reciprocal quotients).
         Tiles(64, 128, num_warps=1), Tiles(32, 128, num_warps=1), Tiles(32, 128, num_warps=2),
         Tiles(64, 128, num_warps=2, num_stages=1), Tiles(64, 128, num_warps=2, num_stages=3),

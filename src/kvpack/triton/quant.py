@@ -72,6 +72,7 @@ class Tiles:
         pipelined: channel-axis quantize only: one launch that reduces a slab of ``block_d``
             channels and encodes it from L2 while the next slab streams in (see
             ``_channel_pipeline_kernel``), instead of ``splits``.
+        maxnreg: a cap on registers per thread (more programs resident, at the risk of spills).
     """
 
     block_t: int
@@ -80,12 +81,14 @@ class Tiles:
     num_warps: int = 4
     num_stages: int | None = None
     pipelined: bool = False
+    maxnreg: int | None = None
 
     @property
     def launch(self) -> dict:
         """The launch options of these tiles."""
         stages = {} if self.num_stages is None else {"num_stages": self.num_stages}
-        return {"num_warps": self.num_warps, **stages}
+        regs = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
+        return {"num_warps": self.num_warps, **stages, **regs}
 
     def __post_init__(self) -> None:
         for name, low in (("block_t", 1), ("block_d", 8)):
@@ -98,6 +101,8 @@ class Tiles:
             raise ValueError(f"num_warps must be a power of two up to 32, got {self.num_warps}")
         if self.num_stages is not None and self.num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.maxnreg is not None and not 24 <= self.maxnreg <= 255:
+            raise ValueError(f"maxnreg must be between 24 and 255 registers, got {self.maxnreg}")
 
 
 #: Inputs of at least this many elements use the tiles of :data:`TUNED` when it has their kernel.
