@@ -122,6 +122,8 @@ def main() -> None:
         "--static", action="store_true",
         help="also time the CUDA kernel with fixed chunks (no shared counter): cuda-static",
     )
+    p.add_argument("--define", action="append", default=[],
+                   help="also time a build of decode.cu with this macro, NAME=VALUE (repeatable)")
     p.add_argument("--preset", default="int4", help="cache preset (int4; others run the Triton kernel only)")
     p.add_argument(
         "--timeline", action="store_true", help="each program's timestamps in one call of the default path"
@@ -171,6 +173,10 @@ def main() -> None:
         variants = [("triton", replace(base, kernel="triton"), None)]
         variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}) for m in args.min_blocks]
         variants += [(f"cuda-splits{n}", replace(base, num_splits=n), {}) for n in args.splits]
+        for d in args.define:
+            name, value = d.split("=")
+            label = f"cuda-{name.removeprefix('KVPACK_DECODE_').lower()}{value}"
+            variants += [(label, base, {name: int(value)})]
         if args.preset != "int4":
             variants = variants[:1]
         if args.static:
