@@ -82,11 +82,6 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #else
 #define TIMELINE_MARK(i)
 #endif
-// 1: the query's loads before the first tile's copies (0: the copies first, the query waiting behind
-// them); measured by benchmarks/decode_int4.py --define.
-#ifndef KVPACK_DECODE_QUERY_FIRST
-#define KVPACK_DECODE_QUERY_FIRST 1
-#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -320,10 +315,8 @@ __device__ __forceinline__ void decode_int4(
     };
     int item = split;
     request();
-#if !KVPACK_DECODE_QUERY_FIRST
     if (item >= n_wtiles && item < n_items) issue_tile(unit_start(item), 0);  // copied during the prologue
     cp_async_commit();
-#endif
     int stage = 0;
 
     // The query, as B fragments: lane (g, t) holds row g's channels CPT t .. CPT t + CPT - 1 (the key
@@ -350,12 +343,6 @@ __device__ __forceinline__ void decode_int4(
                 for (int i = 0; i < CPT / 2; ++i) raw[i] = (u32)qrow[2 * i] | (u32)qrow[2 * i + 1] << 16;
             }
         }
-#if KVPACK_DECODE_QUERY_FIRST
-        // The query's loads issued first, then the first tile's copies.
-        asm volatile("" ::: "memory");
-        if (item >= n_wtiles && item < n_items) issue_tile(unit_start(item), 0);
-        cp_async_commit();
-#endif
 #pragma unroll
         for (int i = 0; i < CPT / 2; ++i) {
             xq[2 * i] = QT::to_float((u16)(raw[i] & 0xFFFFu));
