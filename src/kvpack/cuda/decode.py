@@ -3,8 +3,8 @@
 Triton cannot place loaded data in a tensor-core operand's register layout: the packed int4 codes
 of its decode kernel go through shared memory to get there, and that traffic, not DRAM, bounds it
 (about 1,230 instructions per 32-token tile on sm_90). ``decode.cu`` moves the codes into mma
-fragments with no layout change (about 1,250 instructions per 64-token tile, the key group's scale
-folding included; each tile copied into shared memory by ``cp.async`` while the one before computes), for
+fragments with no layout change (about 1,470 instructions per 64-token tile on sm_90, a key group's
+scale folding and the next tile's ``cp.async`` copies into shared memory included), for
 the layout ``kvpack.cache`` stores for the ``int4`` preset: keys ``int4-channel-gG`` (``G`` a multiple
 of 64), values ``int4-token``, head dim 64 or 128, at most 8 query rows per KV head (GQA heads times
 new tokens). :func:`why_not` says why a call does not qualify;
