@@ -11,7 +11,7 @@ Use the markers by importing them (pytest's default ``prepend`` import mode puts
 
 - ``requires_cuda``: a CUDA GPU is visible to torch.
 - ``requires_triton``: triton imports and can run here: on a CUDA GPU, or on the CPU through the
-  interpreter (``TRITON_INTERPRET=1`` set before the test run starts).
+  interpreter (``TRITON_INTERPRET=1``, which this module sets where no GPU is visible).
 - ``requires_numba``: numba imports (the ``cpu-scalar`` baseline).
 - ``requires_nvcc``: the CUDA compiler ``nvcc`` is on ``PATH``.
 
@@ -35,6 +35,11 @@ def _has(module: str) -> bool:
 
 
 HAS_CUDA = torch.cuda.is_available()
+# Without a GPU, Triton kernels run in the interpreter. Set here, before any test module imports
+# kvpack: ``triton.jit`` reads the variable when a kernel is defined, so a module that imported
+# kvpack's kernels first (test_cuda_decode.py run ahead of test_attention.py) left them compiled-mode.
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
