@@ -259,6 +259,23 @@ def test_torch_compile_reduce_overhead() -> None:
 
 @requires_cuda_kernel
 @pytest.mark.gpu
+def test_window_rows_not_16_byte_aligned_go_to_the_triton_kernel() -> None:
+    layer = make_layer(tokens=1000, kv_heads=8)
+    for name in ("window_keys", "window_values"):
+        buf = getattr(layer, name)
+        odd = torch.zeros(*buf.shape[:-1], buf.shape[-1] + 1, dtype=buf.dtype, device=buf.device)[..., 1:]
+        odd.copy_(buf)
+        setattr(layer, name, odd)
+    q = queries(layer, 32, 1)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        run(q, layer, "cuda")
+    keys, values = layer.dequantized()
+    ref = reference.attention(q, keys, values, causal_offset=layer.seq_length - 1)
+    assert rel_error(run(q, layer, "auto"), ref) < TOLERANCE
+
+
+@requires_cuda_kernel
+@pytest.mark.gpu
 def test_cuda_kernel_refuses_what_it_cannot_take() -> None:
     layer = make_layer(tokens=1000)
     with pytest.raises(ValueError, match="query rows"):

@@ -82,6 +82,10 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #else
 #define TIMELINE_MARK(i)
 #endif
+// 1: the window's tokens read 16 bytes at a time (0: element by element; for comparison).
+#ifndef KVPACK_DECODE_WINDOW_VECTOR
+#define KVPACK_DECODE_WINDOW_VECTOR 1
+#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -451,6 +455,31 @@ __device__ __forceinline__ void decode_int4(
                 const int tk0 = t0 + 8 * g + 2 * j, tk1 = tk0 + 1;
                 const u16* k0 = wk + (i64)(tk0 - n_quant) * swkt + CPT * t;
                 const u16* k1 = wk + (i64)(tk1 - n_quant) * swkt + CPT * t;
+#if KVPACK_DECODE_WINDOW_VECTOR
+                // This lane's CPT channels of both rows, 16 bytes at a time (why_not checks the
+                // alignment); channel c is half c & 1 of word c / 2, paired with c + 4 (word + 2).
+                u32 w0[CPT / 2], w1[CPT / 2];
+#pragma unroll
+                for (int i = 0; i < CPT / 8; ++i) {
+                    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+                    const uint4 a = tk0 < end ? reinterpret_cast<const uint4*>(k0)[i] : z;
+                    const uint4 c = tk1 < end ? reinterpret_cast<const uint4*>(k1)[i] : z;
+                    w0[4 * i] = a.x, w0[4 * i + 1] = a.y, w0[4 * i + 2] = a.z, w0[4 * i + 3] = a.w;
+                    w1[4 * i] = c.x, w1[4 * i + 1] = c.y, w1[4 * i + 2] = c.z, w1[4 * i + 3] = c.w;
+                }
+#pragma unroll
+                for (int st = 0; st < KSTEPS; ++st) {
+                    const int base = 8 * (st >> 1) + 2 * (st & 1);
+                    u32 f[4];
+#pragma unroll
+                    for (int k = 0; k < 4; ++k) {
+                        const int off = base + (k >> 1);
+                        const u32* w = (k & 1) ? w1 : w0;
+                        f[k] = __byte_perm(w[off / 2], w[off / 2 + 2], (off & 1) ? 0x7632 : 0x5410);
+                    }
+                    mma<BF16>(sc[j], f, qb[st][0], qb[st][1]);
+                }
+#else
 #pragma unroll
                 for (int st = 0; st < KSTEPS; ++st) {
                     const int base = 8 * (st >> 1) + 2 * (st & 1);
@@ -465,6 +494,7 @@ __device__ __forceinline__ void decode_int4(
                     }
                     mma<BF16>(sc[j], f, qb[st][0], qb[st][1]);
                 }
+#endif
 #pragma unroll
                 for (int e = 0; e < 4; ++e) sc[j][e] *= qk_scale;
             }
@@ -498,6 +528,30 @@ __device__ __forceinline__ void decode_int4(
             for (int j = 0; j < 4; ++j) {
                 const int tk[4] = {t0 + 16 * t + 2 * j, t0 + 16 * t + 2 * j + 8, t0 + 16 * t + 2 * j + 1,
                                    t0 + 16 * t + 2 * j + 9};
+#if KVPACK_DECODE_WINDOW_VECTOR
+                // This lane's D / 8 channels of the four tokens, 16 bytes at a time.
+                u32 vv[4][D / 16];
+#pragma unroll
+                for (int k = 0; k < 4; ++k) {
+                    const u16* vr = wv + (i64)(tk[k] - n_quant) * swvt + (D / 8) * g;
+#pragma unroll
+                    for (int i = 0; i < D / 64; ++i) {
+                        const uint4 v =
+                            tk[k] < end ? reinterpret_cast<const uint4*>(vr)[i] : make_uint4(0u, 0u, 0u, 0u);
+                        vv[k][4 * i] = v.x, vv[k][4 * i + 1] = v.y, vv[k][4 * i + 2] = v.z, vv[k][4 * i + 3] = v.w;
+                    }
+                }
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const int c = 8 * (mt >> 2) + (mt & 3);  // channel c and c + 4 of this lane's
+                    const int sel = (c & 1) ? 0x7632 : 0x5410;
+                    const u32 f[4] = {__byte_perm(vv[0][c / 2], vv[1][c / 2], sel),
+                                      __byte_perm(vv[0][c / 2 + 2], vv[1][c / 2 + 2], sel),
+                                      __byte_perm(vv[2][c / 2], vv[3][c / 2], sel),
+                                      __byte_perm(vv[2][c / 2 + 2], vv[3][c / 2 + 2], sel)};
+                    mma<BF16>(acc[mt], f, pb[j][0], pb[j][1]);
+                }
+#else
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     const int ch = (D / 8) * g + 8 * (mt >> 2) + (mt & 3);
@@ -513,6 +567,7 @@ __device__ __forceinline__ void decode_int4(
                                       vals[2][0] | vals[3][0] << 16, vals[2][1] | vals[3][1] << 16};
                     mma<BF16>(acc[mt], f, pb[j][0], pb[j][1]);
                 }
+#endif
             }
             item = resolve(item);
             request();

@@ -51,9 +51,10 @@ def _cupy_missing() -> bool:
 
 
 def why_not(q: torch.Tensor, key_scheme: Scheme, value_scheme: Scheme, group: int, rows: int,
-            tensors: tuple[torch.Tensor | None, ...]) -> str | None:
+            tensors: tuple[torch.Tensor | None, ...], window: tuple[torch.Tensor, ...] = ()) -> str | None:
     """Why the CUDA kernel cannot serve this call (None if it can). ``tensors``: the store's key codes,
-    key scale, key zero, value codes, value scale, value zero (all None while the store is empty)."""
+    key scale, key zero, value codes, value scale, value zero (all None while the store is empty);
+    ``window``: the window's key and value buffers, read 16 bytes at a time."""
     if q.device.type != "cuda":
         return "it runs on CUDA devices"
     if _cupy_missing():
@@ -72,6 +73,9 @@ def why_not(q: torch.Tensor, key_scheme: Scheme, value_scheme: Scheme, group: in
         return f"head dim {d} is not one of {HEAD_DIMS}"
     if rows > MAX_ROWS:
         return f"{rows} query rows per KV head (GQA heads x new tokens), more than {MAX_ROWS}"
+    for t in window:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:3]):
+            return "the window's rows are not 16-byte aligned"
     kc, ks, kz, vc, vs, vz = tensors
     if kc is None:
         return None

@@ -985,7 +985,8 @@ def decode_attention(
                          f"{MIN_PACKED_BLOCK_N} tokens on a GPU (16-token tiles give wrong scores there)")
     store = (key_codes, key_scale, key_zero, value_codes, value_scale, value_zero)
     tokens = num_quantized + num_window
-    cuda = takes_cuda_kernel(q, store, window_keys, tokens, key_scheme, value_scheme, group, config, timeline)
+    cuda = takes_cuda_kernel(q, store, window_keys, tokens, key_scheme, value_scheme, group, config, timeline,
+                             window_values)
     block_m = config.block_m or max(MIN_BLOCK_M, min(MAX_BLOCK_M, triton.next_power_of_2(rows)))
     row_blocks = 1 if cuda else triton.cdiv(rows, block_m)
     block_n = cuda_decode.TILE if cuda else config.block_n
@@ -1025,11 +1026,13 @@ def decode_attention(
 
 def takes_cuda_kernel(q: torch.Tensor, store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor,
                       tokens: int, key_scheme: Scheme, value_scheme: Scheme, group: int,
-                      config: KernelConfig, timeline: torch.Tensor | None = None) -> bool:
+                      config: KernelConfig, timeline: torch.Tensor | None = None,
+                      window_values: torch.Tensor | None = None) -> bool:
     """Whether :func:`decode_attention` runs the CUDA C kernel (:mod:`kvpack.cuda.decode`) for this call,
     per ``config.kernel`` (``auto``: where it applies and the call streams at least
     :data:`CUDA_MIN_WORK` token-heads; ``cuda`` where it cannot: a ValueError). ``store``: the key
-    codes, scale, zero, value codes, scale, zero; ``tokens``: quantized plus window tokens."""
+    codes, scale, zero, value codes, scale, zero; ``tokens``: quantized plus window tokens;
+    ``window_values`` (with ``window_keys``): checked for the 16-byte rows the CUDA kernel reads."""
     bsz, hq, lq, _ = q.shape
     hkv = window_keys.shape[1]
     if config.kernel == "triton" or (config.kernel == "auto" and bsz * hkv * tokens < CUDA_MIN_WORK):
@@ -1040,7 +1043,8 @@ def takes_cuda_kernel(q: torch.Tensor, store: tuple[torch.Tensor | None, ...], w
     elif triton_interpreted():
         reason = "Triton's interpreter is on (TRITON_INTERPRET=1)"
     else:
-        reason = cuda_decode.why_not(q, key_scheme, value_scheme, group, rows, store)
+        window = (window_keys,) if window_values is None else (window_keys, window_values)
+        reason = cuda_decode.why_not(q, key_scheme, value_scheme, group, rows, store, window)
     if reason is not None and config.kernel == "cuda":
         raise ValueError(f"the CUDA decode kernel cannot take this call: {reason}")
     return reason is None
