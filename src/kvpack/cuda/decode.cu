@@ -82,10 +82,6 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #else
 #define TIMELINE_MARK(i)
 #endif
-// 1: the window's tokens read 16 bytes at a time (0: element by element; for comparison).
-#ifndef KVPACK_DECODE_WINDOW_VECTOR
-#define KVPACK_DECODE_WINDOW_VECTOR 1
-#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -455,7 +451,6 @@ __device__ __forceinline__ void decode_int4(
                 const int tk0 = t0 + 8 * g + 2 * j, tk1 = tk0 + 1;
                 const u16* k0 = wk + (i64)(tk0 - n_quant) * swkt + CPT * t;
                 const u16* k1 = wk + (i64)(tk1 - n_quant) * swkt + CPT * t;
-#if KVPACK_DECODE_WINDOW_VECTOR
                 // This lane's CPT channels of both rows, 16 bytes at a time (why_not checks the
                 // alignment); channel c is half c & 1 of word c / 2, paired with c + 4 (word + 2).
                 u32 w0[CPT / 2], w1[CPT / 2];
@@ -479,22 +474,6 @@ __device__ __forceinline__ void decode_int4(
                     }
                     mma<BF16>(sc[j], f, qb[st][0], qb[st][1]);
                 }
-#else
-#pragma unroll
-                for (int st = 0; st < KSTEPS; ++st) {
-                    const int base = 8 * (st >> 1) + 2 * (st & 1);
-                    u32 f[4];
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        const u16* kr = (k & 1) ? k1 : k0;
-                        const bool ok = ((k & 1) ? tk1 : tk0) < end;
-                        const int off = base + (k >> 1);
-                        const u32 lo16 = ok ? kr[off] : 0u, hi16 = ok ? kr[off + 4] : 0u;
-                        f[k] = lo16 | hi16 << 16;
-                    }
-                    mma<BF16>(sc[j], f, qb[st][0], qb[st][1]);
-                }
-#endif
 #pragma unroll
                 for (int e = 0; e < 4; ++e) sc[j][e] *= qk_scale;
             }
@@ -528,7 +507,6 @@ __device__ __forceinline__ void decode_int4(
             for (int j = 0; j < 4; ++j) {
                 const int tk[4] = {t0 + 16 * t + 2 * j, t0 + 16 * t + 2 * j + 8, t0 + 16 * t + 2 * j + 1,
                                    t0 + 16 * t + 2 * j + 9};
-#if KVPACK_DECODE_WINDOW_VECTOR
                 // This lane's D / 8 channels of the four tokens, 16 bytes at a time.
                 u32 vv[4][D / 16];
 #pragma unroll
@@ -551,23 +529,6 @@ __device__ __forceinline__ void decode_int4(
                                       __byte_perm(vv[2][c / 2 + 2], vv[3][c / 2 + 2], sel)};
                     mma<BF16>(acc[mt], f, pb[j][0], pb[j][1]);
                 }
-#else
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    const int ch = (D / 8) * g + 8 * (mt >> 2) + (mt & 3);
-                    u32 vals[4][2];  // token k: channel ch (rows g), ch + 4 (rows g+8)
-#pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-                        const bool ok = tk[k] < end;
-                        const u16* vr = wv + (i64)(tk[k] - n_quant) * swvt + ch;
-                        vals[k][0] = ok ? vr[0] : 0u;
-                        vals[k][1] = ok ? vr[4] : 0u;
-                    }
-                    const u32 f[4] = {vals[0][0] | vals[1][0] << 16, vals[0][1] | vals[1][1] << 16,
-                                      vals[2][0] | vals[3][0] << 16, vals[2][1] | vals[3][1] << 16};
-                    mma<BF16>(acc[mt], f, pb[j][0], pb[j][1]);
-                }
-#endif
             }
             item = resolve(item);
             request();
