@@ -354,3 +354,14 @@ def test_half_precision_output_rounding_is_inside_the_bound(
     (row,) = _rows(results, "torch")
     assert row["max_abs_error"] > row["bound"]
     assert row["within_bound"] is True and row["max_abs_error"] <= row["bound"] + 2.0**-11
+
+
+def test_environment_names_the_commit_and_whether_the_tree_differs(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    env = harness.environment(torch.device("cpu"))
+    commit, dirty = env["git_commit"], env["git_dirty"]
+    assert commit is None or (len(commit) == 40 and all(c in "0123456789abcdef" for c in commit))
+    assert dirty is None or isinstance(dirty, bool)
+    # Outside a repository both are None, not an error.
+    monkeypatch.setattr(harness, "__file__", str(tmp_path / "harness.py"))
+    assert harness._git_commit() is None and harness._git_dirty() is None

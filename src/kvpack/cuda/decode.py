@@ -74,7 +74,7 @@ def why_not(q: torch.Tensor, key_scheme: Scheme, value_scheme: Scheme, group: in
     if rows > MAX_ROWS:
         return f"{rows} query rows per KV head (GQA heads x new tokens), more than {MAX_ROWS}"
     for t in window:
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:3]):
+        if t.stride(-1) != 1 or not _aligned16(t, 3):
             return "the window's rows are not 16-byte aligned"
     kc, ks, kz, vc, vs, vz = tensors
     if kc is None:
@@ -84,9 +84,14 @@ def why_not(q: torch.Tensor, key_scheme: Scheme, value_scheme: Scheme, group: in
     for what, (t, row) in wanted.items():
         if t is None or t.stride(-1) != 1 or (t.dim() == 4 and t.stride(2) != row):
             return f"the {what} are not rows of {row} contiguous elements"
-        if t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:2]):
+        if not _aligned16(t, 2):
             return f"the {what} are not 16-byte aligned per sequence and head"
     return None
+
+
+def _aligned16(t: torch.Tensor, dims: int) -> bool:
+    """Whether ``t`` starts on 16 bytes and its first ``dims`` strides are whole multiples of 16 bytes."""
+    return t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:dims])
 
 
 @functools.cache
