@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs kvpack's GPU tests, checks and benchmarks on a CUDA machine, one stage after another.
 # Usage: bash benchmarks/gpu_run.sh STAGE...   (stages: env tests cuda triton attention sweep bench
-# bench-g128 bench-large bench-attention e2e profile-e2e overhead int4 eval tune, pytest:FILE for one test file in
+# bench-g128 bench-large bench-attention e2e profile-e2e overhead int4 eval tune grouped, pytest:FILE for one test file in
 # 8 workers, and ncu:g128 or ncu:int4,TOKENS for Nsight Compute on one kernel of benchmarks/ncu_probe.py).
 # Logs and results go to ${OUT:-gpu-out} (results in results-HHMMSS.tgz).
 set -uo pipefail
@@ -44,6 +44,7 @@ for s in "$@"; do
               --attention "$mode" --dtype "${EVAL_DTYPE:-float16}" --out "$OUT/results/eval-$mode"
           done ;;
     tune) stage tune python3 benchmarks/tune_quant.py ${TUNE_WORDS:-} ;;
+    grouped) stage grouped python3 -W ignore benchmarks/grouped_variants.py ;;
     profile-e2e) stage profile-e2e python3 -W ignore benchmarks/profile_e2e.py ;;
     overhead) stage overhead python3 -W ignore benchmarks/decode_overhead.py ;;
     ncu:*) w=${s#ncu:}; case $w in g128) k=_channel_kernel;; *) k=decode_int4;; esac

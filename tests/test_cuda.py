@@ -111,6 +111,11 @@ def test_nvrtc_text_has_every_kernel(nvrtc_ptx):
         f"{op}_{v}_{tag}" for op in ("quantize", "dequantize") for v in kc.VARIANTS for tag in TAGS.values()
     }
     wanted |= {f"absmax_partial_{tag}" for tag in TAGS.values()} | {"finalize_scales"}
+    wanted |= {
+        f"{op}_grouped_{tag}"
+        for op in ("quantize", "scales", "encode", "dequantize")
+        for tag in TAGS.values()
+    }
     assert kernels == wanted
 
 
@@ -127,10 +132,24 @@ def test_vectorized_kernels_use_16_byte_accesses(nvrtc_ptx):
     assert "st.global.v4.f32" in entries["dequantize_vectorized_f32"]
 
 
+def test_grouped_kernels_use_16_byte_accesses(nvrtc_ptx):
+    entries = _entries(nvrtc_ptx["grouped"])
+    assert (
+        "ld.global.nc.v4.f32" in entries["quantize_grouped_f32"]
+        or "ld.global.nc.v4.u32" in entries["quantize_grouped_f32"]
+    )
+    for tag in ("f16", "bf16"):
+        assert "ld.global.nc.v4.u32" in entries[f"quantize_grouped_{tag}"]
+        assert "st.global.v2.u32" in entries[f"quantize_grouped_{tag}"]  # 8 packed codes
+        assert "ld.global.nc.v2.u32" in entries[f"dequantize_grouped_{tag}"]
+        assert "st.global.v4.u32" in entries[f"dequantize_grouped_{tag}"]
+    assert "fma.rn.f32" in entries["quantize_grouped_f16"]  # Markstein's steps
+
+
 def test_ieee_arithmetic_survives_flush_to_zero(nvrtc_ptx):
     """CuPy compiles with -ftz=true: the quotient and product that must be IEEE keep subnormals."""
     for name, ptx in nvrtc_ptx.items():
-        assert not re.search(r"\b(div|mul)\.rn\.ftz\.f32|div\.(approx|full)", ptx), name
+        assert not re.search(r"\b(div|mul|fma)\.rn\.ftz\.f32|div\.(approx|full)", ptx), name
         assert not re.search(r"setp\.\w+\.ftz\.f32", ptx), name
     assert "div.rn.f32" in nvrtc_ptx["scales"] and "div.rn.f32" in nvrtc_ptx["naive"]
     assert "mul.rn.f32" in nvrtc_ptx["vectorized"]
@@ -237,6 +256,7 @@ EMULATOR = r"""
 #define __forceinline__ inline
 #define __restrict__ __restrict
 #define __shared__ static
+#define __launch_bounds__(...)
 
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
 static dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -256,6 +276,7 @@ static int __float2int_rn(float f) {  // PTX cvt.rni.s32.f32: nearest even, satu
 }
 static float div_rn(float a, float b) { return a / b; }
 static float mul_rn(float a, float b) { return a * b; }
+static float fma_rn(float a, float b, float c) { return std::fma(a, b, c); }
 static float half_bits_to_float(unsigned short h) { _Float16 v; std::memcpy(&v, &h, 2); return (float)v; }
 static unsigned short float_to_half_bits(float f) {
     _Float16 v = (_Float16)f; unsigned short h; std::memcpy(&h, &v, 2); return h;
@@ -275,11 +296,19 @@ typedef std::function<void(const u64*)> Kernel;
     NAME((const signed char*)a[0], (const float*)a[1], (RAW*)a[2], (i64)a[3], (i64)a[4], (i64)a[5]); }}
 #define VARIANT(V) Q(quantize_##V##_f32, float), Q(quantize_##V##_f16, u16), Q(quantize_##V##_bf16, u16), \
     DQ(dequantize_##V##_f32, float), DQ(dequantize_##V##_f16, u16), DQ(dequantize_##V##_bf16, u16)
+#define GQ(NAME, RAW) {#NAME, [](const u64* a) { \
+    NAME((const RAW*)a[0], (float*)a[1], (signed char*)a[2], (i64)a[3], (i64)a[4], (i64)a[5], (i64)a[6]); }}
+#define GDQ(NAME, RAW) {#NAME, [](const u64* a) { \
+    NAME((const signed char*)a[0], (const float*)a[1], (RAW*)a[2], (i64)a[3], (i64)a[4], (i64)a[5], \
+         (i64)a[6]); }}
+#define GROUPED(TAG, RAW) GQ(quantize_grouped_##TAG, RAW), GQ(scales_grouped_##TAG, RAW), \
+    GQ(encode_grouped_##TAG, RAW), GDQ(dequantize_grouped_##TAG, RAW)
 #define ABSMAX(NAME, RAW) {#NAME, [](const u64* a) { \
     NAME((const RAW*)a[0], (float*)a[1], (i64)a[2], (i64)a[3], (i64)a[4], (i64)a[5]); }}
 
 static const std::map<std::string, Kernel> kernels = {
     VARIANT(naive), VARIANT(tiled), VARIANT(coarsened), VARIANT(vectorized),
+    GROUPED(f32, float), GROUPED(f16, u16), GROUPED(bf16, u16),
     ABSMAX(absmax_partial_f32, float), ABSMAX(absmax_partial_f16, u16), ABSMAX(absmax_partial_bf16, u16),
     {"finalize_scales", [](const u64* a) {
         finalize_scales((const float*)a[0], (float*)a[1], (i64)a[2], (i64)a[3], (i64)a[4]); }},
@@ -405,6 +434,54 @@ class Emulator:
         oo, os_, oc = offsets
         self(
             f"dequantize_{variant}_{TAGS[dtype]}", grid, block, (codes, oc), (scale, os_), (out, oo), b, t, d
+        )
+        return out
+
+    def grouped(self, x, group: int, what: str = "both", scale=None, grid=None, offsets=(0, 0)):
+        """What :func:`kvpack.cuda.grouped_quantize_into` computes (``what``: both, scales or codes; the
+        codes mode reads ``scale``), into poisoned outputs: ``(scale, codes)``."""
+        b, t, d = x.shape
+        g = min(group, t)
+        if what == "codes":
+            scale = scale.clone()
+        else:
+            scale = torch.full((b, -(-t // g), d), float(POISON))
+        codes = torch.full((b, t, d), POISON, dtype=torch.int8)
+        g_grid, block = kc.grouped_geometry(b, t, d, g, x.element_size())
+        kernel = {"both": "quantize", "scales": "scales", "codes": "encode"}[what]
+        ox, oc = offsets
+        self(
+            f"{kernel}_grouped_{TAGS[x.dtype]}",
+            grid or g_grid,
+            block,
+            (x, ox),
+            scale,
+            (codes, oc),
+            b,
+            t,
+            d,
+            g,
+        )
+        return scale, codes
+
+    def grouped_decode(self, codes, scale, group: int, dtype, grid=None, offsets=(0, 0)) -> torch.Tensor:
+        """What :func:`kvpack.cuda.grouped_dequantize_into` computes, into a poisoned output."""
+        b, t, d = codes.shape
+        g = min(group, t)
+        out = torch.full((b, t, d), float(POISON), dtype=dtype)
+        g_grid, block = kc.grouped_geometry(b, t, d, g, out.element_size())
+        oc, oo = offsets
+        self(
+            f"dequantize_grouped_{TAGS[dtype]}",
+            grid or g_grid,
+            block,
+            (codes, oc),
+            scale,
+            (out, oo),
+            b,
+            t,
+            d,
+            g,
         )
         return out
 
@@ -536,6 +613,89 @@ def test_emulated_grid_stride_loops(emu, variant):
         (gx, _, _), _ = geometry(variant, x)
         assert torch.equal(emu.encode(variant, x, scale, grid=(gx, 1, 1)), codes), shape
         assert torch.equal(emu.decode(variant, codes, scale, dtype, grid=(gx, 1, 1)), out), shape
+
+
+def expected_grouped(x: torch.Tensor, group: int):
+    """Reference scales, codes and dequantized values of ``x`` in ``int8-channel-g<group>`` (on the CPU)."""
+    scheme = parse(f"int8-channel-g{group}")
+    x = x.cpu()
+    scale, _ = reference.compute_scales(x, scheme)
+    codes = reference.encode(x, scheme, scale, None)
+    return scale, codes, reference.dequantize(codes, scale, None, scheme, x.shape[2], x.dtype)
+
+
+#: (shape, group): groups longer than T, partial last groups, D not a multiple of 4 or 8, several
+#: column blocks, and groups longer than one block holds in registers (300 > 16 rows x 16 warps).
+GROUPED_CASES = [
+    ((1, 1, 1), 4),
+    ((1, 5, 3), 2),
+    ((3, 17, 5), 8),
+    ((2, 33, 65), 16),
+    ((1, 19, 127), 128),
+    ((2, 40, 128), 16),
+    ((1, 300, 40), 128),
+    ((1, 600, 24), 300),
+    ((1, 3, 1030), 64),
+]
+
+
+@requires_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=TAGS.get)
+def test_emulated_grouped_matches_reference(emu, dtype):
+    for i, (shape, group) in enumerate(GROUPED_CASES):
+        x = random_input(shape, dtype, seed=200 + i)
+        scale, codes, _ = expected_grouped(x, group)
+        got_scale, got_codes = emu.grouped(x, group)
+        assert torch.equal(got_scale, scale) and torch.equal(got_codes, codes), (shape, group)
+        got_scale, untouched = emu.grouped(x, group, "scales")
+        assert torch.equal(got_scale, scale) and (untouched == POISON).all(), (shape, group)
+        _, got_codes = emu.grouped(x, group, "codes", scale=scale / 2)  # quotients up to 254: clamped
+        saturated = reference.encode(x, parse(f"int8-channel-g{group}"), scale / 2, None)
+        assert torch.equal(got_codes, saturated), (shape, group)
+        for out_dtype in DTYPES:
+            want = reference.dequantize(
+                codes, scale, None, parse(f"int8-channel-g{group}"), shape[2], out_dtype
+            )
+            assert torch.equal(emu.grouped_decode(codes, scale, group, out_dtype), want), (shape, out_dtype)
+
+
+@requires_gxx
+def test_emulated_grouped_ties_subnormals_and_bad_values(emu):
+    """Ties need the correctly rounded quotient (Markstein's steps); scales below 2^-96 take the
+    division; a NaN or Inf makes its group's scale infinite and leaves the other groups exact."""
+    for x in (near_ties(16, 24), random_input((1, 9, 8), torch.float32, seed=3) * 1e-39):
+        scale, codes, out = expected_grouped(x, 4)
+        got_scale, got_codes = emu.grouped(x, 4)
+        assert torch.equal(got_scale, scale) and torch.equal(got_codes, codes)
+        assert torch.equal(emu.grouped_decode(codes, scale, 4, torch.float32), out)
+    x = random_input((2, 40, 6), torch.float16, seed=1)
+    x[0, 3, 2], x[1, 39, 3] = float("nan"), float("inf")
+    got_scale, _ = emu.grouped(x, 8)
+    assert got_scale[0, 0, 2] == float("inf") and got_scale[1, 4, 3] == float("inf")
+    finite = torch.isfinite(got_scale)
+    assert finite.sum() == finite.numel() - 2
+    assert torch.equal(got_scale[finite], expected_grouped(x.nan_to_num(0, 0, 0), 8)[0][finite])
+
+
+@requires_gxx
+@pytest.mark.parametrize("dtype", DTYPES, ids=TAGS.get)
+def test_emulated_grouped_handles_any_alignment_and_grid(emu, dtype):
+    """Inputs and codes that start off a 16-byte boundary take the element path; a grid of one block
+    walks every (batch row, group) pair and every column block."""
+    es = torch.empty(0, dtype=dtype).element_size()
+    for shape, group in [((2, 7, 16), 4), ((1, 20, 64), 8), ((3, 9, 9), 4)]:
+        x = random_input(shape, dtype, seed=7)
+        scale, codes, out = expected_grouped(x, group)
+        for ox, oc in [(es, 0), (0, 1), (3 * es, 3), (0, 0)]:
+            got_scale, got_codes = emu.grouped(x, group, offsets=(ox, oc))
+            assert torch.equal(got_scale, scale) and torch.equal(got_codes, codes), (shape, ox, oc)
+            got = emu.grouped_decode(codes, scale, group, dtype, offsets=(oc, ox))
+            assert torch.equal(got, out), (shape, ox, oc)
+    x = random_input((3, 37, 600), dtype, seed=11)
+    scale, codes, out = expected_grouped(x, 8)
+    got_scale, got_codes = emu.grouped(x, 8, grid=(1, 1, 1))
+    assert torch.equal(got_scale, scale) and torch.equal(got_codes, codes)
+    assert torch.equal(emu.grouped_decode(codes, scale, 8, dtype, grid=(1, 1, 1)), out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -738,3 +898,141 @@ def test_gpu_more_than_2_31_elements():
                 assert torch.equal(out[:, a : a + chunk], want), (variant, a)
             del out
         del codes
+
+
+# The cuda-grouped kernel on the GPU.
+
+GROUPS = (32, 64, 128, 300)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=TAGS.get)
+def test_gpu_grouped_bit_exact_with_reference(dtype):
+    for i, shape in enumerate(GPU_SHAPES):
+        x = random_input(shape, dtype, seed=2000 + i).cuda()
+        b, t, d = shape
+        for group in GROUPS:
+            g = min(group, t)
+            scheme = parse(f"int8-channel-g{group}")
+            scale, codes, _ = expected_grouped(x, group)
+            got_scale = poisoned(tuple(scale.shape), torch.float32)
+            got_codes = poisoned(shape, torch.int8)
+            kc.grouped_quantize_into(x, g, got_scale, got_codes)
+            torch.testing.assert_close(got_scale.cpu(), scale, rtol=0, atol=0, msg=f"scales {shape} g{group}")
+            torch.testing.assert_close(got_codes.cpu(), codes, rtol=0, atol=0, msg=f"codes {shape} g{group}")
+            only_scale = poisoned(tuple(scale.shape), torch.float32)
+            kc.grouped_quantize_into(x, g, only_scale, None, "scales")
+            assert torch.equal(only_scale.cpu(), scale), (shape, group)
+            half = (scale / 2).cuda()
+            encoded = poisoned(shape, torch.int8)
+            kc.grouped_quantize_into(x, g, half, encoded, "codes")
+            assert torch.equal(encoded.cpu(), reference.encode(x.cpu(), scheme, scale / 2, None)), (
+                shape,
+                group,
+            )
+            for out_dtype in DTYPES:
+                want = reference.dequantize(codes, scale, None, scheme, d, out_dtype)
+                got = kc.grouped_dequantize_into(got_codes, got_scale, g, poisoned(shape, out_dtype))
+                assert torch.equal(got.cpu(), want), (shape, group, out_dtype)
+
+
+@on_gpu
+def test_gpu_grouped_ties_subnormals_and_alignment():
+    v = kc.grouped()
+    for x in (near_ties(16, 24), random_input((1, 9, 8), torch.float32, seed=3) * 1e-39):
+        scale, codes, out = expected_grouped(x, 4)
+        got_codes, got_scale, _ = v.quantize(x.cuda(), parse("int8-channel-g4"))
+        assert torch.equal(got_scale.cpu(), scale) and torch.equal(got_codes.cpu(), codes)
+        got = v.dequantize(got_codes, got_scale, None, parse("int8-channel-g4"), x.shape[2], torch.float32)
+        assert torch.equal(got.cpu(), out)
+    for dtype in DTYPES:
+        for shape in [(2, 7, 13), (1, 33, 64), (3, 40, 16)]:
+            x = random_input(shape, dtype, seed=5)
+            scale, codes, out = expected_grouped(x, 8)
+            for ox, oc in [(1, 1), (3, 3), (1, 0), (0, 1), (0, 0)]:
+                got_scale = poisoned(tuple(scale.shape), torch.float32)
+                got_codes = poisoned(shape, torch.int8, oc)
+                kc.grouped_quantize_into(offset_copy(x.cuda(), ox), min(8, shape[1]), got_scale, got_codes)
+                assert torch.equal(got_scale.cpu(), scale) and torch.equal(got_codes.cpu(), codes), (
+                    shape,
+                    ox,
+                    oc,
+                )
+                got = kc.grouped_dequantize_into(
+                    offset_copy(codes.cuda(), oc), scale.cuda(), min(8, shape[1]), poisoned(shape, dtype, ox)
+                )
+                assert torch.equal(got.cpu(), out), (shape, ox, oc)
+
+
+@on_gpu
+def test_gpu_grouped_public_api_errors_stream_and_graph():
+    for x in (torch.randn(2, 3, 500, 64, dtype=torch.float16), torch.randn(2, 3, 64, 50).transpose(-1, -2)):
+        want = kvpack.quantize(x, "int8-channel-g128", backend="torch")
+        got = kvpack.quantize(x.cuda(), "int8-channel-g128", backend="cuda-grouped")
+        assert got.codes.is_cuda and got.scheme == want.scheme and got.shape == want.shape
+        assert torch.equal(got.codes.cpu(), want.codes) and torch.equal(got.scale.cpu(), want.scale)
+        assert torch.equal(
+            kvpack.dequantize(got, backend="cuda-grouped").cpu(), kvpack.dequantize(want, backend="torch")
+        )
+    x = torch.randn(2, 300, 24)
+    x[1, 270, 5] = float("nan")
+    with pytest.raises(ValueError) as on_cpu:
+        kvpack.quantize(x, "int8-channel-g128", backend="torch")
+    with pytest.raises(ValueError) as on_gpu_:
+        kvpack.quantize(x.cuda(), "int8-channel-g128", backend="cuda-grouped")
+    assert str(on_gpu_.value) == str(on_cpu.value)
+    with pytest.raises(RuntimeError, match=r"groups of tokens \(-gN\)"):
+        kvpack.quantize(x.cuda(), "int8-channel", backend="cuda-grouped")
+
+    v, scheme = kc.grouped(), parse("int8-channel-g64")
+    src = random_input((2, 512, 256), torch.float16, seed=9)
+    want_scale, want_codes, want_out = expected_grouped(src, 64)
+    x = torch.zeros(src.shape, device="cuda", dtype=torch.float16)
+    src = src.cuda()
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(100_000_000)
+        x.copy_(src)
+        codes, scale, _ = v.quantize(x, scheme)
+    side.synchronize()
+    assert torch.equal(scale.cpu(), want_scale) and torch.equal(codes.cpu(), want_codes)
+
+    static_x = torch.zeros(src.shape, device="cuda", dtype=torch.float16)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        codes, scale, _ = v.quantize(static_x, scheme)
+        out = v.dequantize(codes, scale, None, scheme, 256, torch.float16)
+    static_x.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(scale.cpu(), want_scale) and torch.equal(codes.cpu(), want_codes)
+    assert torch.equal(out.cpu(), want_out)
+
+
+@on_gpu
+@pytest.mark.slow
+def test_gpu_grouped_more_than_2_31_elements():
+    """262147 x 8192 float16 in groups of 128 tokens: every scale, code and value past index 2^31
+    checked against the reference, computed on the GPU in chunks of whole groups."""
+    if torch.cuda.mem_get_info()[0] < 16 * GiB:
+        pytest.skip("needs 16 GiB of free GPU memory")
+    t, d, chunk = 2**18 + 3, 8192, 16384
+    scheme = parse("int8-channel-g128")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn((1, t, d), generator=g, device="cuda", dtype=torch.float16)
+    x[0, -1, -1] = 300.0
+    scale = poisoned((1, -(-t // 128), d), torch.float32)
+    codes = poisoned((1, t, d), torch.int8)
+    kc.grouped_quantize_into(x, 128, scale, codes)
+    assert scale[0, -1, -1].item() == np.float32(300.0) / np.float32(127.0) and codes[0, -1, -1] == 127
+    out = kc.grouped_dequantize_into(codes, scale, 128, poisoned((1, t, d), torch.float16))
+    for a in range(0, t, chunk):
+        want_scale, _ = reference.compute_scales(x[:, a : a + chunk], scheme)
+        assert torch.equal(scale[:, a // 128 : a // 128 + want_scale.shape[1]], want_scale), a
+        want = reference.encode(x[:, a : a + chunk], scheme, want_scale, None)
+        assert torch.equal(codes[:, a : a + chunk], want), a
+        assert torch.equal(
+            out[:, a : a + chunk], reference.dequantize(want, want_scale, None, scheme, d, torch.float16)
+        ), a

@@ -97,6 +97,7 @@ def test_unknown_backend_lists_the_choices() -> None:
     [
         ("cuda-naive", "int8-channel", "needs CUDA tensors"),
         ("cuda-vectorized", "int8-channel", "needs CUDA tensors"),
+        ("cuda-grouped", "int8-channel-g64", "needs CUDA tensors"),
         ("cpu-scalar", "int4-token", "int8-channel only"),
         ("cpu-scalar", "int8-channel-g64", "int8-channel only"),
     ],

@@ -30,6 +30,7 @@ class Backend(str, Enum):
     CUDA_TILED = "cuda-tiled"
     CUDA_COARSENED = "cuda-coarsened"
     CUDA_VECTORIZED = "cuda-vectorized"
+    CUDA_GROUPED = "cuda-grouped"
     TRITON = "triton"
 
     def __str__(self) -> str:
@@ -43,6 +44,7 @@ _MODULES = {
     Backend.CPU_SCALAR: "kvpack.baseline",
     Backend.TRITON: "kvpack.triton.quant",
     **{b: "kvpack.cuda" for b in CUDA_VARIANTS},
+    Backend.CUDA_GROUPED: "kvpack.cuda",
 }
 
 
@@ -77,6 +79,10 @@ def _is_paper_scheme(scheme: Scheme) -> bool:
     return scheme.fp8 is None and scheme.bits == 8 and scheme.axis == "channel" and scheme.group is None
 
 
+def _is_grouped_int8_channel(scheme: Scheme) -> bool:
+    return scheme.fp8 is None and scheme.bits == 8 and scheme.axis == "channel" and scheme.group is not None
+
+
 def why_not(backend: Backend, scheme: Scheme, device: torch.device) -> str | None:
     """The reason ``backend`` cannot run ``scheme`` on ``device``, or None if it can."""
     backend = _backend(backend)
@@ -95,6 +101,16 @@ def why_not(backend: Backend, scheme: Scheme, device: torch.device) -> str | Non
             return f"{backend} needs CUDA tensors (a tensor on {device} was given)"
         if not _is_paper_scheme(scheme):
             return f"{backend} implements the paper's int8-channel only, not {scheme.name}"
+        if not _has("cupy"):
+            return (
+                f"{backend} compiles its CUDA C with CuPy's NVRTC: pip install cupy-cuda12x (or cupy-cuda13x)"
+            )
+        return None
+    if backend == Backend.CUDA_GROUPED:
+        if device.type != "cuda":
+            return f"{backend} needs CUDA tensors (a tensor on {device} was given)"
+        if not _is_grouped_int8_channel(scheme):
+            return f"{backend} implements int8-channel in groups of tokens (-gN), not {scheme.name}"
         if not _has("cupy"):
             return (
                 f"{backend} compiles its CUDA C with CuPy's NVRTC: pip install cupy-cuda12x (or cupy-cuda13x)"
@@ -138,4 +154,6 @@ def implementation(backend: Backend) -> ModuleType:
     mod = importlib.import_module(_MODULES[backend])
     if backend in CUDA_VARIANTS:
         return mod.variant(backend.value.removeprefix("cuda-"))
+    if backend == Backend.CUDA_GROUPED:
+        return mod.grouped()
     return mod

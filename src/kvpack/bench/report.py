@@ -12,6 +12,7 @@ _GPU_LABELS = (
     "cuda-tiled",
     "cuda-coarsened",
     "cuda-vectorized",
+    "cuda-grouped",
     "triton",
     "torch-eager",
     "torch-compile",

@@ -1,10 +1,13 @@
-"""The paper's four CUDA C variants of ``int8-channel`` quantize and dequantize, and their loader.
+"""The paper's four CUDA C variants of ``int8-channel`` quantize and dequantize, the one-pass
+group-wise kernel of ``int8-channel-gN``, and their loader.
 
 The kernels live beside this file as ``.cu`` sources that take raw pointers and know nothing of
 torch: ``scales.cu`` (the per-channel absmax reduction every variant uses), ``naive.cu``,
 ``tiled.cu``, ``coarsened.cu`` and ``vectorized.cu`` (see each file's header for its design). Each
 has one ``extern "C"`` kernel per dtype: ``quantize_<variant>_<f32|f16|bf16>`` and
-``dequantize_<variant>_<f32|f16|bf16>``. All are bit-exact with :mod:`kvpack.reference`.
+``dequantize_<variant>_<f32|f16|bf16>``. ``grouped.cu`` (backend ``cuda-grouped``) quantizes
+channel-axis int8 in groups of tokens in one pass, its threads each owning a few channels and walking
+the group's rows. All are bit-exact with :mod:`kvpack.reference`.
 
 They are compiled at run time by CuPy, which wraps NVRTC: no host compiler and no build step are
 needed, nothing ties the binaries to torch's C++ ABI (the same code runs with every torch version),
@@ -31,7 +34,7 @@ import torch
 from kvpack.schemes import INPUT_DTYPES, Scheme
 
 VARIANTS = ("naive", "tiled", "coarsened", "vectorized")
-SOURCES = ("scales", *VARIANTS)
+SOURCES = ("scales", *VARIANTS, "grouped")
 
 _DIR = Path(__file__).parent
 _HEADER = '#include "common.cuh"'
@@ -43,6 +46,10 @@ _WAVES = 8  # grids sized to several full waves of blocks, so the last one matte
 _PAPER_BLOCK = (16, 16)
 _COARSEN = 4
 _MIN_TOKENS_PER_THREAD = 8  # absmax splits keep at least this many loads per thread
+#: grouped.cu: rows a thread holds (KVPACK_GROUPED_ROWS) and the most warps of a block.
+GROUPED_ROWS = 16
+GROUPED_MAX_WARPS = 16
+_MAX_GRID_X = 2**31 - 1
 
 Grid = tuple[int, int, int]
 Block = tuple[int, int]
@@ -168,6 +175,16 @@ def vector_geometry(b: int, t: int, d: int, itemsize: int, sms: int) -> tuple[Gr
     return (gx, gy, gz), (bx, by)
 
 
+def grouped_geometry(b: int, t: int, d: int, group: int, itemsize: int) -> tuple[Grid, Block]:
+    """``(grid, block)`` of ``grouped.cu`` for groups of ``group`` tokens (at most ``t``): a block of
+    ``ceil(group / GROUPED_ROWS)`` warps (1 to 16) takes one (batch row, group) pair (grid x) times 32
+    vector slots of channels (grid y); both axes loop with a grid stride beyond the grid limits."""
+    n = 16 // itemsize
+    warps = max(1, min(GROUPED_MAX_WARPS, _cdiv(group, GROUPED_ROWS)))
+    grid = (min(b * _cdiv(t, group), _MAX_GRID_X), min(_cdiv(d, 32 * n), _MAX_GRID_YZ), 1)
+    return grid, (32, warps)
+
+
 def _variant_geometry(variant: str, x: torch.Tensor) -> tuple[Grid, Block]:
     b, t, d = x.shape
     if variant == "vectorized":
@@ -216,6 +233,27 @@ def _check_same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 def _check_scheme(scheme: Scheme) -> None:
     if scheme.fp8 is not None or scheme.bits != 8 or scheme.axis != "channel" or scheme.group is not None:
         raise ValueError(f"the CUDA C kernels implement int8-channel only, not {scheme.name}")
+
+
+def _check_grouped_scheme(scheme: Scheme) -> None:
+    if scheme.fp8 is not None or scheme.bits != 8 or scheme.axis != "channel" or scheme.group is None:
+        raise ValueError(
+            f"the cuda-grouped kernel implements int8-channel in groups of tokens (int8-channel-gN) only, "
+            f"not {scheme.name}"
+        )
+
+
+def _check_grouped_scale(scale: Any, like: torch.Tensor, group: int) -> None:
+    _check_tensor(scale, "scale", (torch.float32,))
+    b, t, d = like.shape
+    want = (b, _cdiv(t, group), d)
+    if tuple(scale.shape) != want:
+        raise ValueError(
+            f"scale must have shape {want} for a tensor of shape {tuple(like.shape)} in groups of {group} "
+            f"tokens, got {tuple(scale.shape)}"
+        )
+    if scale.device != like.device:
+        raise ValueError(f"scale is on {scale.device} but the data is on {like.device}")
 
 
 def _check_variant(name: str) -> None:
@@ -296,6 +334,126 @@ def decode_into(variant: str, codes: torch.Tensor, scale: torch.Tensor, out: tor
         out.device,
     )
     return out
+
+
+_GROUPED_KERNELS = {"both": "quantize", "scales": "scales", "codes": "encode"}
+
+
+def grouped_quantize_into(
+    x: torch.Tensor, group: int, scale: torch.Tensor, codes: torch.Tensor | None, what: str = "both"
+) -> None:
+    """Quantize ``x [B, T, D]`` (float32/16/bf16, CUDA, contiguous) in groups of ``group`` tokens
+    (at most T) with ``grouped.cu``: ``what="both"`` writes ``scale [B, ceil(T / group), D]`` float32 and
+    the int8 ``codes`` (the shape of ``x``) in one pass, ``"scales"`` the scales only, ``"codes"`` the
+    codes from the given scales."""
+    _check_tensor(x, "input", INPUT_DTYPES)
+    if group < 1:
+        raise ValueError(f"group must be a positive number of tokens, got {group}")
+    _check_grouped_scale(scale, x, group)
+    if what != "scales":
+        _check_tensor(codes, "codes", (torch.int8,))
+        _check_same(x, codes, "codes")
+    b, t, d = x.shape
+    grid, block = grouped_geometry(b, t, d, group, x.element_size())
+    _launch(
+        "grouped",
+        f"{_GROUPED_KERNELS[what]}_grouped_{_TAGS[x.dtype]}",
+        grid,
+        block,
+        (_ptr(x), _ptr(scale), np.uint64(0 if codes is None else codes.data_ptr()), *_sizes(b, t, d, group)),
+        x.device,
+    )
+
+
+def grouped_dequantize_into(
+    codes: torch.Tensor, scale: torch.Tensor, group: int, out: torch.Tensor
+) -> torch.Tensor:
+    """Write ``codes [B, T, D] * scale[:, t // group]`` into ``out`` (float32/16/bf16, the shape of
+    ``codes``): float32 products, rounded once. Returns ``out``."""
+    _check_tensor(codes, "codes", (torch.int8,))
+    if group < 1:
+        raise ValueError(f"group must be a positive number of tokens, got {group}")
+    _check_grouped_scale(scale, codes, group)
+    _check_tensor(out, "out", INPUT_DTYPES)
+    _check_same(codes, out, "out")
+    b, t, d = codes.shape
+    grid, block = grouped_geometry(b, t, d, group, out.element_size())
+    _launch(
+        "grouped",
+        f"dequantize_grouped_{_TAGS[out.dtype]}",
+        grid,
+        block,
+        (_ptr(codes), _ptr(scale), _ptr(out), *_sizes(b, t, d, group)),
+        out.device,
+    )
+    return out
+
+
+class CudaGrouped:
+    """Backend ``cuda-grouped``: the functions of :mod:`kvpack.reference` for ``int8-channel-gN`` on
+    3-D contiguous CUDA tensors ``[B, T, D]``, by ``grouped.cu`` (``zero`` is always None)."""
+
+    name = "grouped"
+
+    def compute_scales(self, x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, None]:
+        """``scale [B, ceil(T / G), D]`` float32 of ``x [B, T, D]``."""
+        _check_grouped_scheme(scheme)
+        _check_tensor(x, "input", INPUT_DTYPES)
+        b, t, d = x.shape
+        g = scheme.group_size(t, d)
+        scale = torch.empty((b, _cdiv(t, g), d), dtype=torch.float32, device=x.device)
+        grouped_quantize_into(x, g, scale, None, "scales")
+        return scale, None
+
+    def encode(
+        self, x: torch.Tensor, scheme: Scheme, scale: torch.Tensor, zero: torch.Tensor | None
+    ) -> torch.Tensor:
+        """int8 codes ``[B, T, D]`` of ``x`` given its scales."""
+        _check_grouped_scheme(scheme)
+        if zero is not None:
+            raise ValueError("int8-channel-gN is symmetric: zero must be None")
+        _check_tensor(x, "input", INPUT_DTYPES)
+        codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        grouped_quantize_into(x, scheme.group_size(x.shape[1], x.shape[2]), scale, codes, "codes")
+        return codes
+
+    def quantize(self, x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """``(codes [B, T, D] int8, scale [B, ceil(T / G), D] float32, None)`` in one pass over ``x``."""
+        _check_grouped_scheme(scheme)
+        _check_tensor(x, "input", INPUT_DTYPES)
+        b, t, d = x.shape
+        g = scheme.group_size(t, d)
+        scale = torch.empty((b, _cdiv(t, g), d), dtype=torch.float32, device=x.device)
+        codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+        grouped_quantize_into(x, g, scale, codes, "both")
+        return codes, scale, None
+
+    def dequantize(
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor | None,
+        scheme: Scheme,
+        channels: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """``codes * scale`` as ``dtype`` (float32/16/bf16), shape ``[B, T, channels]``."""
+        _check_grouped_scheme(scheme)
+        if zero is not None:
+            raise ValueError("int8-channel-gN is symmetric: zero must be None")
+        _check_tensor(codes, "codes", (torch.int8,))
+        if codes.shape[2] != channels:
+            raise ValueError(f"codes have {codes.shape[2]} channels, expected {channels}")
+        if dtype not in INPUT_DTYPES:
+            raise TypeError(f"dequantize dtype {dtype} is not supported by the CUDA C kernels")
+        out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+        return grouped_dequantize_into(codes, scale, scheme.group_size(codes.shape[1], channels), out)
+
+
+@functools.cache
+def grouped() -> CudaGrouped:
+    """The ``cuda-grouped`` backend object."""
+    return CudaGrouped()
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,13 @@ __device__ __forceinline__ float mul_rn(float a, float b) {
     return r;
 }
 
+// Correctly rounded float32 a * b + c (one rounding), subnormals kept.
+__device__ __forceinline__ float fma_rn(float a, float b, float c) {
+    float r;
+    asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+    return r;
+}
+
 // float16 bits -> float (exact).
 __device__ __forceinline__ float half_bits_to_float(unsigned short h) {
     float f;
