@@ -107,6 +107,22 @@ def test_backend_that_cannot_run_here(backend: str, fmt: str, match: str) -> Non
         kvpack.quantize(randn(4, 8), fmt, backend=backend)
 
 
+def test_auto_on_a_gpu_picks_by_operation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8-channel-gN quantizes with the CUDA C kernel where CuPy is installed and dequantizes with
+    Triton; other formats, or no CuPy, take Triton both ways (no GPU needed: only names are resolved)."""
+    gpu = torch.device("cuda")
+    monkeypatch.setattr(backends, "_has", lambda module: True)
+    g128 = parse("int8-channel-g128")
+    assert resolve("auto", g128, gpu) == Backend.CUDA_GROUPED
+    assert resolve("auto", g128, gpu, "dequantize") == Backend.TRITON
+    assert resolve("auto", parse("int8-channel"), gpu) == Backend.TRITON
+    assert resolve("auto", parse("int4-channel-g64"), gpu) == Backend.TRITON
+    with pytest.raises(ValueError, match="unknown operation"):
+        resolve("auto", g128, gpu, "encode")
+    monkeypatch.setattr(backends, "_has", lambda module: module != "cupy")
+    assert resolve("auto", g128, gpu) == Backend.TRITON
+
+
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="triton"):

@@ -51,7 +51,7 @@ def _dequantize_op(
     """``[B, T, channels]`` in ``dtype`` from contiguous codes and scales (``zero`` empty for the
     symmetric formats) on ``backend``."""
     scheme = parse(fmt)
-    impl = implementation(resolve(backend, scheme, codes.device))
+    impl = implementation(resolve(backend, scheme, codes.device, "dequantize"))
     return impl.dequantize(codes, scale, None if scheme.symmetric else zero, scheme, channels, dtype)
 
 
@@ -146,7 +146,7 @@ def dequantize(
     dtype = dtype or q.dtype
     if dtype not in INPUT_DTYPES:
         raise TypeError(f"dequantize dtype {dtype} is not supported; accepted: {_DTYPE_NAMES}")
-    chosen = resolve(backend, q.scheme, q.device)
+    chosen = resolve(backend, q.scheme, q.device, "dequantize")
     *lead, t, d = q.shape
     n = math.prod(lead)
 
