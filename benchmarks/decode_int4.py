@@ -190,7 +190,7 @@ def main() -> None:
         if args.compare:
             variants += [("triton-nopdl", replace(base, kernel="triton"), None)]
             if args.preset == "int4":
-                variants += [("cuda-pairs", base, {}), ("cuda-nopdl", base, {}), ("cuda-pairs-nopdl", base, {})]
+                variants += [(name, base, {}) for name in ("cuda-pairs", "cuda-nopdl", "cuda-pairs-nopdl")]
         for name, config, defines in variants:
             if defines is not None:
                 _build(defines)
