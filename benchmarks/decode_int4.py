@@ -6,7 +6,7 @@ replays over inputs rotated past L2 (as ``kvpack bench-attention``). Prints ms, 
 int4 layer holds, the fraction of the measured copy bandwidth, and the speedup over SDPA; with
 ``--profile``, one call's kernels under the profiler (decode kernel and combine kernel apart).
 
-    python benchmarks/decode_int4.py [--min-blocks 1,10,12] [--contexts 16384,32768] [--compare]
+    python benchmarks/decode_int4.py [--min-blocks 1,10,12] [--contexts 16384,32768]
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from kvpack.bench import attention as bench
 from kvpack.bench import harness
 from kvpack.cuda import decode as cuda_decode
 from kvpack.cuda import pasted
-from kvpack.triton import attention as triton_attention
 from kvpack.triton.attention import default_config
 
 B, HQ, H, D = 8, 32, 8, 128
@@ -123,11 +122,6 @@ def main() -> None:
         "--static", action="store_true",
         help="also time the CUDA kernel with fixed chunks (no shared counter): cuda-static",
     )
-    p.add_argument(
-        "--compare", action="store_true",
-        help="also time the CUDA kernel with programs kept to their own pair (cuda-pairs) and each path "
-        "with the combine kernel launched after the decode kernel (-nopdl)",
-    )
     p.add_argument("--define", action="append", default=[],
                    help="also time a build of decode.cu with this macro, NAME=VALUE (repeatable)")
     p.add_argument("--preset", default="int4", help="cache preset (int4; others run the Triton kernel only)")
@@ -187,16 +181,10 @@ def main() -> None:
             variants = variants[:1]
         if args.static:
             variants += [("cuda-static", base, {})] if args.preset == "int4" else []
-        if args.compare:
-            variants += [("triton-nopdl", replace(base, kernel="triton"), None)]
-            if args.preset == "int4":
-                variants += [(name, base, {}) for name in ("cuda-pairs", "cuda-nopdl", "cuda-pairs-nopdl")]
         for name, config, defines in variants:
             if defines is not None:
                 _build(defines)
             cuda_decode.SHARE_TILES = name != "cuda-static"
-            cuda_decode.STEAL_TILES = "pairs" not in name
-            triton_attention.PDL_COMBINE = "nopdl" not in name
             t = ms(lambda layer, c=config: decode(q, layer, config=c), [(layer,) for layer in layers])
             err = bench._rel_error(decode(q, first, config=config), ref)
             per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if defines is not None else None

@@ -57,8 +57,6 @@ def test_source_compiles_without_warnings(arch: str, tmp_path: Path) -> None:
                    "movmatrix.sync.aligned.m8n8.trans.b16", "prmt.b32", "lop3.b32",
                    "cp.async.cg.shared.global", "cp.async.wait_group 1"):
         assert wanted in ptx, wanted
-    # The combine kernel's early launch (programmatic dependent launch) is sm_90's.
-    assert ("griddepcontrol.launch_dependents" in ptx) == (arch == "sm_90")
 
 
 @requires_nvcc
@@ -78,17 +76,6 @@ def test_sm90_build_fits_12_programs_per_sm(tmp_path: Path) -> None:
 def _schemes(preset: str) -> tuple:
     layer = QuantizedLayer(*CACHE_PRESETS[preset], residual=0)
     return layer.key_scheme, layer.value_scheme, layer.group
-
-
-def test_extra_slots_follow_the_schedule(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert cuda_decode.extra_slots(22, 128) == 22  # programs may move: as many slots again
-    assert cuda_decode.extra_slots(100, 128) == 28  # the combine holds 128 partials at most
-    assert cuda_decode.extra_slots(1, 128) == 0  # one program per pair writes the output itself
-    monkeypatch.setattr(cuda_decode, "STEAL_TILES", False)
-    assert cuda_decode.extra_slots(22, 128) == 0
-    monkeypatch.setattr(cuda_decode, "STEAL_TILES", True)
-    monkeypatch.setattr(cuda_decode, "SHARE_TILES", False)
-    assert cuda_decode.extra_slots(22, 128) == 0
 
 
 def test_applies_to_the_int4_preset_only() -> None:
@@ -184,15 +171,13 @@ def test_forced_splits(splits: int) -> None:
 
 @requires_cuda_kernel
 @pytest.mark.gpu
-@pytest.mark.parametrize("schedule", ["steal", "pairs", "static"])
+@pytest.mark.parametrize("share", [True, False])
 @pytest.mark.parametrize("key_format", ["int4-channel-g256", "int4-channel-g320", "int4-channel-g1024"])
-def test_long_key_groups_and_every_schedule(key_format: str, schedule: str,
+def test_long_key_groups_and_both_schedules(key_format: str, share: bool,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # Units of 4 tiles: a key group of 4, one that a unit crosses (320 tokens), one of 16 tiles; the
-    # programs taking units from their pair's counter and then other pairs', their pair's only, or
-    # every splits-th one.
-    monkeypatch.setattr(cuda_decode, "SHARE_TILES", schedule != "static")
-    monkeypatch.setattr(cuda_decode, "STEAL_TILES", schedule == "steal")
+    # programs taking units from the shared counter or every splits-th one.
+    monkeypatch.setattr(cuda_decode, "SHARE_TILES", share)
     layer = make_layer(batch=2, kv_heads=2, tokens=6000 + 33, key_format=key_format)
     for splits in (None, 3):
         check(queries(layer, 8, 1), layer, splits=splits)
@@ -218,30 +203,6 @@ def test_padded_batch(q_len: int, key_format: str) -> None:
     q = queries(layer, 8, q_len)
     out = run(q, layer, "cuda", start=start, lengths=lengths)
     assert_rows_match(out, q, *layer.dequantized(), start, lengths, TOLERANCE)
-
-
-@requires_cuda_kernel
-@pytest.mark.gpu
-@pytest.mark.parametrize("q_len", [1, 2])
-def test_programs_move_to_the_pairs_with_work_left(q_len: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    # One long row among short ones: the short rows' programs finish at once and move to the long row's
-    # pairs, writing their partials in its extra slots (counted); the result is the same as without.
-    counts = []
-    launch = cuda_decode.launch
-    monkeypatch.setattr(cuda_decode, "launch", lambda *a, **k: counts.append(launch(*a, **k)) or counts[-1])
-    layer = make_layer(batch=6, kv_heads=4, tokens=20000)
-    n = layer.seq_length
-    start = torch.tensor([0, 0, 19000, 500, 0, 12000], device="cuda")
-    lengths = torch.tensor([n, 300, n, 700, 64, n - 3], device="cuda")
-    q = queries(layer, 16, q_len)
-    out = run(q, layer, "cuda", start=start, lengths=lengths)
-    assert_rows_match(out, q, *layer.dequantized(), start, lengths, TOLERANCE)
-    (units,) = counts
-    assert units is not None and units[1].sum() > 0, "no program moved to another pair"
-    monkeypatch.setattr(cuda_decode, "STEAL_TILES", False)
-    again = run(q, layer, "cuda", start=start, lengths=lengths)
-    assert counts[-1][1].sum() == 0
-    assert_rows_match(again, q, *layer.dequantized(), start, lengths, TOLERANCE)
 
 
 @requires_cuda_kernel

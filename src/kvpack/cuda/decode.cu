@@ -82,11 +82,6 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #else
 #define TIMELINE_MARK(i)
 #endif
-// Fewest items a pair must have left for a program that finished its own pair to move to it (each
-// move costs a prologue and one more partial).
-#ifndef KVPACK_DECODE_STEAL_MIN
-#define KVPACK_DECODE_STEAL_MIN 1
-#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -237,7 +232,7 @@ __device__ __forceinline__ void decode_int4(
     const unsigned char* __restrict__ VC, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ WK, const u16* __restrict__ WV, const int* __restrict__ Start,
     const int* __restrict__ End, int* __restrict__ Units, float qk_scale, int n_quant, int n_window, int num_splits,
-    int max_extra, int num_kv_heads, int rep, int lq, int group, i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som,
+    int num_kv_heads, int rep, int lq, int group, i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som,
     i64 skcb, i64 skch, i64 sksb, i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh,
     i64 swkt, i64 swvb, i64 swvh, i64 swvt) {
     constexpr int NB = D / 2;        // bytes per token row
@@ -261,50 +256,29 @@ __device__ __forceinline__ void decode_int4(
     __shared__ __align__(16) unsigned char stages[2][STAGE];
 
     TIMELINE_MARK(0);
-#if __CUDA_ARCH__ >= 900
-    // The combine kernel (a programmatic dependent launch) may be scheduled once every program has
-    // started; it waits for this grid's end before it reads a partial.
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
     const int lane = threadIdx.x;
     const int g = lane >> 2, t = lane & 3;
-    const int split = blockIdx.y;
+    const int bh = blockIdx.x, split = blockIdx.y;
+    const i64 b = bh / num_kv_heads, h = bh % num_kv_heads;
     const int rows = rep * lq;
+
+    int end = n_quant + n_window;
+    if (End != nullptr) end = min(End[b], end);
+    const int begin = Start != nullptr ? Start[b] : 0;
+
+    // Work items of this (b, h), in order: the window's tiles (full precision, true units), then the
+    // store's units of ut tiles (one key group, or 4 tiles of a longer one). Program `split` takes item
+    // `split` first, then the next free one from the pair's counter in Units (zeroed for each call):
+    // programs on the GPU's faster SMs take more items (SMs stream at rates up to 20% apart). Without
+    // Units, every num_splits-th item.
     const int ut = group / TILE < 4 ? group / TILE : 4;
     const int unit_tokens = ut * TILE;
-    // Work items of a (b, h), in order: the window's tiles (full precision, true units), then the
-    // store's units of ut tiles (one key group, or 4 tiles of a longer one).
-    auto plan = [&](i64 pb, int& begin, int& end, int& q_end, int& w_first, int& n_wtiles, int& u_first) {
-        end = n_quant + n_window;
-        if (End != nullptr) end = min(End[pb], end);
-        begin = Start != nullptr ? Start[pb] : 0;
-        q_end = min(end, n_quant);
-        w_first = max(n_quant, begin / TILE * TILE);
-        n_wtiles = w_first < end ? (end - w_first + TILE - 1) / TILE : 0;
-        u_first = begin / unit_tokens;
-        const int n_units = q_end > u_first * unit_tokens ? (q_end - 1) / unit_tokens + 1 - u_first : 0;
-        return n_wtiles + n_units;
-    };
-    // Program `split` of pair blockIdx.x takes item `split` first, then the next free one from the
-    // pair's counter Units[pair] (zeroed for each call): programs on the GPU's faster SMs take more
-    // items (SMs stream at rates up to 20% apart). Without Units, every num_splits-th item. With
-    // max_extra > 0, a program whose pair has no items left moves to the pair with the most left: it
-    // reserves one of that pair's max_extra extra partial slots (counter Units[P + pair]), takes an item
-    // from its counter, and writes its partial for that pair in that slot; so pairs whose programs sit
-    // on slower or busier SMs do not keep the kernel running after the others have finished.
-    const int num_pairs = gridDim.x;
-    const bool steal = Units != nullptr && max_extra > 0;
-    const int slots = num_splits + (steal ? max_extra : 0);
-    // The pair, partial slot and first item of the pass below, kept in shared memory rather than in
-    // registers through the tile loop (where every register is taken).
-    __shared__ int pass[3];
-    if (lane == 0) pass[0] = blockIdx.x, pass[1] = split, pass[2] = split;
-    __syncwarp();
-    for (;;) {
-    const int bh = *reinterpret_cast<volatile int*>(pass);
-    const i64 b = bh / num_kv_heads, h = bh % num_kv_heads;
-    int begin, end, q_end, w_first, n_wtiles, u_first;
-    const int n_items = plan(b, begin, end, q_end, w_first, n_wtiles, u_first);
+    const int q_end = min(end, n_quant);
+    const int w_first = max(n_quant, begin / TILE * TILE);
+    const int n_wtiles = w_first < end ? (end - w_first + TILE - 1) / TILE : 0;
+    const int u_first = begin / unit_tokens;
+    const int n_units = q_end > u_first * unit_tokens ? (q_end - 1) / unit_tokens + 1 - u_first : 0;
+    const int n_items = n_wtiles + n_units;
     auto unit_start = [&](int item) { return max((u_first + item - n_wtiles) * unit_tokens, begin / TILE * TILE); };
     auto unit_stop = [&](int item) { return min((u_first + item - n_wtiles + 1) * unit_tokens, q_end); };
     int ticket = 0;  // lane 0: the counter's answer for this program's next item, asked one step ahead
@@ -339,7 +313,7 @@ __device__ __forceinline__ void decode_int4(
             }
         }
     };
-    int item = *reinterpret_cast<volatile int*>(pass + 2);
+    int item = split;
     request();
     if (item >= n_wtiles && item < n_items) issue_tile(unit_start(item), 0);  // copied during the prologue
     cp_async_commit();
@@ -756,7 +730,7 @@ __device__ __forceinline__ void decode_int4(
         if (n >= rows) continue;
         const float inv = e ? inv1 : inv0, zz = e ? z1 : z0, mm = e ? m1 : m0, ll = e ? l1 : l0;
         const i64 head = h * rep + n / lq, qi = n % lq;
-        const i64 r = ((b * (num_kv_heads * rep) + head) * lq + qi) * slots + *reinterpret_cast<volatile int*>(pass + 1);
+        const i64 r = ((b * (num_kv_heads * rep) + head) * lq + qi) * num_splits + split;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -772,35 +746,6 @@ __device__ __forceinline__ void decode_int4(
         }
         if (num_splits > 1 && g == 0) MidL[r] = ll > 0.0f ? mm + __log2f(ll) : NEG_INF;
     }
-    if (!steal) break;
-    // The pair with the most items left (each lane looks at every 32nd pair), if any.
-    int best = -1, most = KVPACK_DECODE_STEAL_MIN - 1;
-    for (int p = lane; p < num_pairs; p += 32) {
-        int pbegin, pend, pq_end, pw_first, pn_wtiles, pu_first;
-        const int left = plan(p / num_kv_heads, pbegin, pend, pq_end, pw_first, pn_wtiles, pu_first) - num_splits -
-                         *reinterpret_cast<volatile int*>(Units + p);
-        if (left > most) most = left, best = p;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const int m2 = __shfl_xor_sync(0xffffffffu, most, o), b2 = __shfl_xor_sync(0xffffffffu, best, o);
-        if (m2 > most || (m2 == most && b2 >= 0 && (best < 0 || b2 < best))) most = m2, best = b2;
-    }
-    if (best < 0) break;
-    int extra = 0, taken = 0;
-    if (lane == 0) {
-        extra = atomicAdd(Units + num_pairs + best, 1);
-        if (extra < max_extra) taken = atomicAdd(Units + best, 1);
-    }
-    extra = __shfl_sync(0xffffffffu, extra, 0);
-    taken = __shfl_sync(0xffffffffu, taken, 0);
-    if (extra >= max_extra) break;  // its slots are spent (its item counter was left alone)
-    // A ticket past the pair's items still owns the slot: the pass below writes it empty (lse -inf).
-    __syncwarp();  // every lane has read the last pass's state
-    if (lane == 0) pass[0] = best, pass[1] = num_splits + extra, pass[2] = num_splits + taken;
-    cp_async_wait<0>();  // no copy of the last pair's still lands in the stages
-    __syncwarp();
-    }
     TIMELINE_MARK(3);
 }
 
@@ -811,13 +756,13 @@ __device__ __forceinline__ void decode_int4(
         const u16* __restrict__ KZ, const unsigned char* __restrict__ VC, const u16* __restrict__ VS, \
         const u16* __restrict__ VZ, const u16* __restrict__ WK, const u16* __restrict__ WV,          \
         const int* __restrict__ Start, const int* __restrict__ End, int* __restrict__ Units,         \
-        float qk_scale, int n_quant, int n_window, int num_splits, int max_extra, int num_kv_heads,   \
-        int rep, int lq, int group,                                                                   \
+        float qk_scale, int n_quant, int n_window, int num_splits, int num_kv_heads, int rep, int lq, \
+        int group,                                                                                    \
         i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som, i64 skcb, i64 skch, i64 sksb,          \
         i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh, i64 swkt, i64 swvb,    \
         i64 swvh, i64 swvt) {                                                                         \
         decode_int4<D, BF16>(Q, Out, MidO, MidL, KC, KS, KZ, VC, VS, VZ, WK, WV, Start, End, Units,  \
-                             qk_scale, n_quant, n_window, num_splits, max_extra, num_kv_heads, rep, lq, \
+                             qk_scale, n_quant, n_window, num_splits, num_kv_heads, rep, lq,          \
                              group, sqb, sqh, sqm, sob, soh, som, skcb, skch, sksb, sksh, svcb, svch, \
                              svsb, svsh, swkb, swkh, swkt, swvb, swvh, swvt);                         \
     }

@@ -40,10 +40,6 @@ _NAMES = {(d, dt): f"decode_int4_d{d}_{'bf16' if dt == torch.bfloat16 else 'f16'
 #: faster SMs take more (an H100's SMs streamed at rates up to 20% apart, and the slowest set the
 #: kernel's end); False: each takes every ``splits``-th unit (benchmarks compare the two).
 SHARE_TILES = True
-#: With SHARE_TILES: a program whose pair has no items left moves to the pair with the most left, and
-#: writes its partial for it in one of that pair's extra slots (:func:`extra_slots`); False: programs
-#: stop with their pair (benchmarks compare the two).
-STEAL_TILES = True
 _REGISTERS_PER_SM = 65536
 _MAX_BLOCKS_PER_SM = 32
 _SHARED_RESERVED_PER_BLOCK = 1024
@@ -131,24 +127,13 @@ def resident_per_sm(d: int, dtype: torch.dtype, device_index: int) -> int:
     return max(1, min(_MAX_BLOCKS_PER_SM, _REGISTERS_PER_SM // per_warp, by_shared))
 
 
-def extra_slots(splits: int, most: int) -> int:
-    """Partial slots of a (batch row, KV head) beyond its ``splits`` programs' own, for programs that move
-    to it from other pairs (:data:`STEAL_TILES`), keeping ``splits`` plus them at most ``most``."""
-    if not (SHARE_TILES and STEAL_TILES) or splits < 2:
-        return 0
-    return max(0, min(splits, most - splits))
-
-
 def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch.Tensor,
            store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor, window_values: torch.Tensor,
            start: torch.Tensor | None, end: torch.Tensor | None, qk_scale: float, num_quantized: int,
-           num_window: int, splits: int, group: int, extra: int = 0) -> torch.Tensor | None:
+           num_window: int, splits: int, group: int) -> None:
     """Run ``decode.cu`` on torch's current stream: grid (batch x KV heads, splits), one warp each,
-    the warps of a (batch row, KV head) taking its tiles from a counter (:data:`SHARE_TILES`), and with
-    ``extra`` > 0 moving to other pairs once theirs is done (``mid_o`` and ``mid_l`` then hold
-    ``splits + extra`` partials per row). ``qk_scale`` is the softmax scale times log2(e). Returns the
-    counters (int32 ``[2, B * H_kv]``: items handed out, extra slots taken; None without SHARE_TILES):
-    the combine reads a pair's partials from slots below ``splits + min(taken, extra)``."""
+    the warps of a (batch row, KV head) taking its tiles from a counter (:data:`SHARE_TILES`).
+    ``qk_scale`` is the softmax scale times log2(e)."""
     import cupy
 
     from kvpack.cuda import _stream
@@ -158,11 +143,8 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     kc, ks, kz, vc, vs, vz = store
     # The kernel reads one int32 per batch row (the Triton kernel takes any integer type).
     start, end = (None if x is None else x.to(torch.int32).contiguous() for x in (start, end))
-    # Two counters per (batch row, KV head), zeroed for each call (a memset; graph-capturable).
-    shared = SHARE_TILES and splits > 1
-    units = torch.zeros(2, bsz * hkv, dtype=torch.int32, device=q.device) if shared else None
-    if extra and units is None:
-        raise ValueError("extra partial slots need the shared counters (SHARE_TILES and splits > 1)")
+    # One counter per (batch row, KV head), zeroed for each call (a memset; graph-capturable).
+    units = torch.zeros(bsz * hkv, dtype=torch.int32, device=q.device) if SHARE_TILES and splits > 1 else None
     if kc is None:  # an empty store is never read: any pointer of the right strides' kind will do
         kc = vc = torch.empty(1, 1, 1, d // 2, dtype=torch.uint8, device=q.device)
         ks = kz = torch.empty(1, 1, 1, d, dtype=torch.float16, device=q.device)
@@ -178,7 +160,7 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
         ptr(q), ptr(out), ptr(mid_o), ptr(mid_l), ptr(kc), ptr(ks), ptr(kz), ptr(vc), ptr(vs), ptr(vz),
         ptr(window_keys), ptr(window_values), ptr(start), ptr(end), ptr(units),
         np.float32(qk_scale), np.int32(num_quantized), np.int32(num_window), np.int32(splits),
-        np.int32(extra), np.int32(hkv), np.int32(hq // hkv), np.int32(lq), np.int32(group),
+        np.int32(hkv), np.int32(hq // hkv), np.int32(lq), np.int32(group),
         *strides(q, 3), *strides(out, 3), *strides(kc, 2), *strides(ks, 2), *strides(vc, 2), *strides(vs, 2),
         *strides(window_keys, 3), *strides(window_values, 3),
     )
@@ -186,4 +168,3 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     kernel = _kernel(_NAMES[(d, q.dtype)], device)
     with cupy.cuda.Device(device), _stream(cupy, q.device):
         kernel((bsz * hkv, splits, 1), (32, 1, 1), args)
-    return units

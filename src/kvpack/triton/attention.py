@@ -665,13 +665,10 @@ def _decode_kernel(
     HAS_START: tl.constexpr, HAS_END: tl.constexpr, SPLIT: tl.constexpr, MASKED: tl.constexpr,
     V_WORDS: tl.constexpr, V_FIELDS: tl.constexpr, V_FW: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TIMELINE: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
-    if PDL:
-        _gdc_launch_dependents()  # the combine kernel may start once every program has
     if TIMELINE:
         started = _clock(pid_bh)
     b = (pid_bh // num_kv_heads).to(tl.int64)
@@ -803,63 +800,18 @@ def _decode_kernel(
         _store_columns(rows_out, acc / l_safe, offs_d, row_ok, D, INTERPRET)
 
 
-#: Launch the combine kernel as a programmatic dependent launch of the decode kernel (sm_90 and later,
-#: a Triton that has ``launch_pdl``): it is scheduled while the decode kernel's last programs run, and
-#: waits for them in ``griddepcontrol.wait``. False: an ordinary launch after the decode kernel.
-PDL_COMBINE = True
-
-
-@functools.cache
-def _pdl_supported(device: torch.device) -> bool:
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-    except ImportError:
-        return False
-    fields = getattr(CUDAOptions, "__dataclass_fields__", {})
-    return "launch_pdl" in fields and torch.cuda.get_device_capability(device) >= (9, 0)
-
-
-def _pdl(device: torch.device) -> bool:
-    return PDL_COMBINE and device.type == "cuda" and not triton_interpreted() and _pdl_supported(device)
-
-
-@triton.jit
-def _gdc_wait():
-    """``griddepcontrol.wait``: until the grid this one depends on has finished and its writes are
-    visible (a no-op without a programmatic dependent launch)."""
-    tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _gdc_launch_dependents():
-    """``griddepcontrol.launch_dependents``: a dependent grid may launch once every program of this one
-    has executed it or ended."""
-    tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit(do_not_specialize=["num_splits", "base_splits", "max_extra", "rep", "lq"])
-def _combine_kernel(MidO, MidL, Out, Counts, num_splits, base_splits, max_extra, num_heads, rep, lq,
-                    stride_ob, stride_oh, stride_om, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                    BLOCK_D: tl.constexpr, HAS_COUNTS: tl.constexpr, PDL: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+@triton.jit(do_not_specialize=["num_splits", "lq"])
+def _combine_kernel(MidO, MidL, Out, num_splits, num_heads, lq, stride_ob, stride_oh, stride_om,
+                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
     """``out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``; zeros if no split
-    saw a key. Each row has ``num_splits`` partial slots; with HAS_COUNTS only the first ``base_splits +
-    min(Counts[pair], max_extra)`` were written (the CUDA kernel's programs that moved to the pair took
-    the extra ones). With PDL the kernel is launched before the decode kernel ends (programmatic
-    dependent launch) and waits for it here, its start hidden behind the decode kernel's last programs."""
+    saw a key."""
     r = tl.program_id(0).to(tl.int64)
     qi = r % lq
     head = (r // lq) % num_heads
     b = r // (lq * num_heads)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    if PDL:
-        _gdc_wait()
     s_ok = offs_s < num_splits
-    if HAS_COUNTS:
-        pair = b * (num_heads // rep) + head // rep
-        s_ok = offs_s < base_splits + tl.minimum(tl.load(Counts + pair), max_extra)
     d_ok = offs_d < D
     lse = tl.load(MidL + r * num_splits + offs_s, mask=s_ok, other=float("-inf"))
     seen = lse > float("-inf")
@@ -1050,30 +1002,24 @@ def decode_attention(
         raise ValueError(f"timeline needs a GPU and an int64 tensor of {stamps} or more elements")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    extra = cuda_decode.extra_slots(splits, MAX_SPLITS) if cuda else 0
-    slots = splits + extra
     if splits > 1:
-        mid_o = torch.empty(bsz, hq, lq, slots, d, dtype=torch.float32, device=q.device)
-        mid_l = torch.empty(bsz, hq, lq, slots, dtype=torch.float32, device=q.device)
+        mid_o = torch.empty(bsz, hq, lq, splits, d, dtype=torch.float32, device=q.device)
+        mid_l = torch.empty(bsz, hq, lq, splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_l = out
-    counts = None
     if cuda:
         _check_layout(q, *store, window_keys, window_values)
-        counts = cuda_decode.launch(q, out, mid_o, mid_l, store, window_keys, window_values, start, end,
-                                    scale * math.log2(math.e), num_quantized, num_window, splits, group,
-                                    extra)
+        cuda_decode.launch(q, out, mid_o, mid_l, store, window_keys, window_values, start, end,
+                           scale * math.log2(math.e), num_quantized, num_window, splits, group)
     else:
         _launch_triton(q, out, mid_o, mid_l, store, window_keys, window_values, num_quantized, num_window,
                        key_scheme, value_scheme, group, scale, start, end, config, timeline, splits, chunk,
                        row_blocks, block_m, block_d)
     if splits > 1:
-        pdl = _pdl(q.device)
         _combine_kernel[(bsz * hq * lq,)](
-            mid_o, mid_l, out, counts[1] if extra else mid_l, slots, splits, extra, hq, hq // hkv, lq,
-            *out.stride()[:3], D=d, BLOCK_S=max(2, triton.next_power_of_2(slots)), BLOCK_D=block_d,
-            HAS_COUNTS=extra > 0, PDL=pdl, INTERPRET=triton_interpreted(),
-            num_warps=4 if block_d <= 128 else 8, **({"launch_pdl": True} if pdl else {}),
+            mid_o, mid_l, out, splits, hq, lq, *out.stride()[:3],
+            D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            INTERPRET=triton_interpreted(), num_warps=4 if block_d <= 128 else 8,
         )
     return out
 
@@ -1151,6 +1097,6 @@ def _launch_triton(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_
         V_FW=max(16, block_d // value_scheme.per_byte),
         INTERPRET=triton_interpreted(),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, TIMELINE=timeline is not None,
-        PDL=splits > 1 and _pdl(q.device), num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
