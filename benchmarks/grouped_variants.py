@@ -12,6 +12,7 @@ read x, write codes and scales) and the fraction of the copy rate; writes ``$OUT
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -66,7 +67,7 @@ def main() -> None:
     rows = []
 
     dst = torch.empty_like(x)
-    copy_ms = timed(lambda: dst.copy_(x), args.repeats)
+    copy_ms = timed(functools.partial(dst.copy_, x), args.repeats)
     copy_gbps = 2 * x.numel() * 2 / copy_ms / 1e6
     del dst
     rows.append({"kernel": "copy", "ms": copy_ms, "gbps": copy_gbps, "of_copy": 1.0})
@@ -82,12 +83,13 @@ def main() -> None:
               flush=True)
 
     print(f"copy {copy_ms:.4f} ms, {copy_gbps:.0f} GB/s; x {tuple(x.shape)} float16, groups of {GROUP}")
-    add("triton quantize", timed(lambda: kvpack.quantize(x, "int8-channel-g128", backend="triton"), args.repeats),
+    fmt = "int8-channel-g128"
+    add("triton quantize", timed(lambda: kvpack.quantize(x, fmt, backend="triton"), args.repeats),
         quant_bytes, True)
-    add("triton dequantize", timed(lambda: kvpack.dequantize(want, backend="triton"), args.repeats), dq_bytes, None)
-    add("cuda-grouped quantize (default)",
-        timed(lambda: kvpack.quantize(x, "int8-channel-g128", backend="cuda-grouped"), args.repeats), quant_bytes,
+    add("triton dequantize", timed(lambda: kvpack.dequantize(want, backend="triton"), args.repeats), dq_bytes,
         None)
+    add("cuda-grouped quantize (default)", timed(lambda: kvpack.quantize(x, fmt, backend="cuda-grouped"),
+                                                 args.repeats), quant_bytes, None)
 
     codes = torch.empty_like(x, dtype=torch.int8)
     scale = torch.empty((1, n_groups, d), dtype=torch.float32, device="cuda")
@@ -104,11 +106,11 @@ def main() -> None:
         warps = max(1, min(max_warps, -(-GROUP // r)))
         grid, block = (n_groups, -(-d // 256), 1), (32, warps, 1)
 
-        def q():
+        def q(quant=quant, grid=grid, block=block):  # noqa: ANN202
             with stream:
                 quant(grid, block, (ptr(x), ptr(scale), ptr(codes), *sizes))
 
-        def dq():
+        def dq(deq=deq, grid=grid, block=block):  # noqa: ANN202
             with stream:
                 deq(grid, block, (ptr(codes), ptr(scale), ptr(out), *sizes))
 
