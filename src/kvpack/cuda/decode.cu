@@ -82,11 +82,6 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #else
 #define TIMELINE_MARK(i)
 #endif
-// Value codes into the mma as 1024 + c (one LOP3 a pair, no subtraction), the tile's 1024 sum p' taken
-// out by one mma of a constant operand per block (see the value product); 0: c itself (LOP3 + HSUB2).
-#ifndef KVPACK_DECODE_VALUE_OFFSET
-#define KVPACK_DECODE_VALUE_OFFSET 1
-#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -419,11 +414,6 @@ __device__ __forceinline__ void decode_int4(
     // value scale on, sum p (s_t / R) c, times 16 in m-tiles 4w+1 and 4w+3 (high nibbles), R the
     // largest value scale so far.
     bool store_units = false;
-#if KVPACK_DECODE_VALUE_OFFSET
-    // 1024 sum p' (in acc's units) of rows r0 / r1 as the even and the odd m-tiles hold it, taken out of
-    // acc at the end.
-    float oe0 = 0.0f, oe1 = 0.0f, oo0 = 0.0f, oo1 = 0.0f;
-#endif
 
     const float a0 = qmax0 * qk_scale, a1 = qmax1 * qk_scale;  // score = mma a + c, rows r0, r1
     u32 qs[KSTEPS][2];  // qn times this key group's scales
@@ -683,23 +673,6 @@ __device__ __forceinline__ void decode_int4(
         // n+4 (rows g+8) of word w. Each m-tile's tile sum starts from zero and joins acc in float32:
         // the tensor cores' sums, which lose low bits beside a large operand, never hold the whole
         // context's (accumulating in place gave 2.4e-3 relative error at 128K tokens, this 8.2e-4).
-#if KVPACK_DECODE_VALUE_OFFSET
-        // The value operands below read 1024 + c (low nibbles) or 1024 + 16 c (high): every m-tile's
-        // sum is its true one plus 1024 sum_t p'_t of its row, which this constant operand's product
-        // gives (A = 1024 everywhere; rows r0 and r1 in entries 0 and 1). The codes stay exact in
-        // float16, and each tile's sums start from zero, so the offset costs about 2^-10 of a sum's
-        // precision, where the keys (whose scores the softmax amplifies) keep their codes centred.
-        {
-            float off[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            const u32 ones[4] = {0x64006400u, 0x64006400u, 0x64006400u, 0x64006400u};
-#pragma unroll
-            for (int j = 0; j < 4; ++j) mma<false>(off, ones, pb[j][0], pb[j][1]);
-            oe0 = fmaf(oe0, f0e, off[0]);
-            oe1 = fmaf(oe1, f1e, off[1]);
-            oo0 = fmaf(oo0, f0o, off[0]);
-            oo1 = fmaf(oo1, f1o, off[1]);
-        }
-#endif
 #pragma unroll
         for (int w = 0; w < VW; ++w) {
             u32 xa[4], ya[4], xc[4], yc[4];  // the same channel of two tokens in each 16-bit half
@@ -721,13 +694,7 @@ __device__ __forceinline__ void decode_int4(
                     const u32 x[4] = {xa[j] >> sh, ya[j] >> sh, xc[j] >> sh, yc[j] >> sh};
                     u32 fr[4];
 #pragma unroll
-                    for (int k = 0; k < 4; ++k) {
-#if KVPACK_DECODE_VALUE_OFFSET
-                        fr[k] = lop3_and_or(x[k], n & 1 ? 0x00F000F0u : 0x000F000Fu, 0x64006400u);
-#else
-                        fr[k] = n & 1 ? high_nibbles<0>(x[k]) : low_nibbles<0>(x[k]);
-#endif
-                    }
+                    for (int k = 0; k < 4; ++k) fr[k] = n & 1 ? high_nibbles<0>(x[k]) : low_nibbles<0>(x[k]);
                     mma<false>(sum, fr, pb[j][0], pb[j][1]);
                 }
                 float* o = acc[4 * w + n];
@@ -749,15 +716,6 @@ __device__ __forceinline__ void decode_int4(
     z0 = warp_sum_g(z0);
     z1 = warp_sum_g(z1);
     const float inv0 = l0 > 0.0f ? 1.0f / l0 : 0.0f, inv1 = l1 > 0.0f ? 1.0f / l1 : 0.0f;
-#if KVPACK_DECODE_VALUE_OFFSET
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-        acc[mt][0] -= (mt & 1) ? oo0 : oe0;
-        acc[mt][2] -= (mt & 1) ? oo0 : oe0;
-        acc[mt][1] -= (mt & 1) ? oo1 : oe1;
-        acc[mt][3] -= (mt & 1) ? oo1 : oe1;
-    }
-#endif
     if (store_units) {  // acc in true units
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
