@@ -302,42 +302,6 @@ def test_every_split_writes_every_output(splits: int, block_n: int) -> None:
     assert rel_error(out, expected(q, layer, 0.125)) < TOLERANCE
 
 
-@pytest.mark.parametrize("preset", ["int8", "int4"])
-def test_tail_pool_matches_reference(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The last part of the store taken in units from a per-(pair, row block) counter: half of it here,
-    # in 1-tile units, with padded rows (a row starting inside the pool, one ending inside it).
-    from kvpack.triton import attention as kernels
-    from kvpack.triton.attention import KernelConfig
-
-    monkeypatch.setattr(kernels, "POOL_FRACTION", 2)
-    monkeypatch.setattr(kernels, "POOL_UNIT_TILES", 1)
-    layer = make_layer(*CACHE_PRESETS[preset], batch=3, tokens=700, residual=16)
-    n = layer.seq_length
-    assert kernels.tail_pool(layer.num_quantized, 3, 256, 32)[2] > 0  # the pool is in use
-    start, lengths = torch.tensor([0, 70, 520]), torch.tensor([n, 450, 690])
-    q = queries(layer, 8, 2)
-    config = KernelConfig(block_n=32, num_splits=3, kernel="triton")
-    out = decode(q, layer, start=start, lengths=lengths, config=config)
-    assert_rows_match(out, q, *layer.dequantized(), start, lengths, TOLERANCE)
-    monkeypatch.setattr(kernels, "TAIL_POOL", False)
-    assert rel_error(decode(q, layer, start=start, lengths=lengths, config=config), out) < 1e-3
-
-
-def test_tail_pool_covers_the_store() -> None:
-    from kvpack.triton.attention import POOL_FRACTION, POOL_UNIT_TILES, tail_pool
-
-    cases = [(16384, 16, 32), (32640, 16, 32), (4096, 7, 64), (100, 4, 32), (5000, 1, 32)]
-    for n_quant, splits, block_n in cases:
-        chunk = block_n * -(-n_quant // (splits * block_n))
-        static, pool_lo, units, unit = tail_pool(n_quant, splits, chunk, block_n)
-        if units == 0:
-            assert (static, pool_lo, unit) == (chunk, 0, 0)
-            continue
-        assert static % block_n == 0 and unit == POOL_UNIT_TILES * block_n
-        assert pool_lo == min(splits * static, n_quant) and pool_lo < n_quant <= pool_lo + units * unit
-        assert n_quant - pool_lo <= n_quant // POOL_FRACTION
-
-
 def test_strided_queries() -> None:
     # transformers hands over q as a transposed view: [B, Lq, Hq, D] memory seen as [B, Hq, Lq, D].
     layer = make_layer(*CACHE_PRESETS["fp8"], tokens=200)

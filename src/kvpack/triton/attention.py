@@ -61,11 +61,6 @@ MAX_SPLITS = 128
 #: Smallest tile of a GPU decode over packed (int4/int2) codes: 16-token tiles gave relative errors of
 #: 2-3 on an H100 (Triton 3.6; every shape, split and padding tried), while the interpreter's were right.
 MIN_PACKED_BLOCK_N = 32
-#: The Triton kernel's tail pool (:func:`tail_pool`): the fraction of the store it holds, as 1 / N, and
-#: its units, in tiles. False: fixed chunks only.
-TAIL_POOL = True
-POOL_FRACTION = 8
-POOL_UNIT_TILES = 4
 #: Fewest tokens worth a split of their own.
 MIN_SPLIT_TOKENS = 64
 #: What starting and draining a wave of programs costs, in tokens one program could stream meanwhile
@@ -646,54 +641,14 @@ def _softmax_step(s, tok, ok, qpos, m_i, l_i):
     return m_new, l_i * alpha + tl.sum(p, 1), p, alpha
 
 
-@triton.jit
-def _store_tiles(t_lo, t_hi, begin, qpos, qk_scale, state, q, qn, q_max, q_sum, q0, q1, q2, q3,
-                 kc, ks, kz, vc, vs, vz, offs_d, d_ok, stride_kct, stride_kst, stride_vct, stride_vst,
-                 D: tl.constexpr, K_KIND: tl.constexpr, K_BITS: tl.constexpr, K_SMODE: tl.constexpr,
-                 K_ROW_DIV: tl.constexpr, K_COL_DIV: tl.constexpr, K_FW: tl.constexpr,
-                 V_KIND: tl.constexpr, V_BITS: tl.constexpr, V_SMODE: tl.constexpr,
-                 V_ROW_DIV: tl.constexpr, V_COL_DIV: tl.constexpr, V_WORDS: tl.constexpr,
-                 V_FIELDS: tl.constexpr, V_FW: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The store's tiles from ``t_lo`` (a tile boundary) to ``t_hi``, folded into the online-softmax
-    ``state`` = (m, l, acc, acc0..acc3): scores from the codes, softmax step, value product."""
-    m_i, l_i, acc, acc0, acc1, acc2, acc3 = state
-    for t0 in range(t_lo, t_hi, BLOCK_N):
-        tok = t0 + tl.arange(0, BLOCK_N)
-        ok = (tok < t_hi) & (tok >= begin)
-        if K_KIND == 2:
-            s = _packed_key_scores(q, q0, q1, q2, q3, q_max, q_sum, kc, ks, kz, tok, ok, offs_d, d_ok, t0,
-                                   stride_kct, stride_kst, D, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N,
-                                   BLOCK_D, K_FW, MASKED, INTERPRET)
-        else:
-            s = _key_scores(q, qn, q_max, kc, ks, tok, ok, offs_d, d_ok, t0, stride_kct, stride_kst, D,
-                            K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N, BLOCK_D, MASKED,
-                            INTERPRET)
-        m_i, l_i, p, alpha = _softmax_step(s * qk_scale, tok, ok, qpos, m_i, l_i)
-        if V_FIELDS:
-            o0, o1, o2, o3 = _value_fields(p, vc, vs, vz, tok, ok, t0, stride_vct, stride_vst, D, V_BITS,
-                                           V_SMODE, V_ROW_DIV, V_FW, MASKED, INTERPRET)
-            acc0 = acc0 * alpha[:, None] + o0
-            acc1 = acc1 * alpha[:, None] + o1
-            if V_BITS == 2:
-                acc2 = acc2 * alpha[:, None] + o2
-                acc3 = acc3 * alpha[:, None] + o3
-        else:
-            acc = acc * alpha[:, None] + _value_product(
-                p, vc, vs, vz, tok, ok, offs_d, d_ok, t0, stride_vct, stride_vst, q.dtype, D,
-                V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, BLOCK_N, BLOCK_D, MASKED, V_WORDS, INTERPRET)
-    return m_i, l_i, acc, acc0, acc1, acc2, acc3
-
-
 # The token counts change every step: specializing on them (divisibility by 16, == 1) would compile
 # new variants as decoding goes on.
-@triton.jit(do_not_specialize=["n_quant", "n_window", "chunk", "num_splits", "rep", "lq", "pool_lo",
-                               "pool_units", "unit"])
+@triton.jit(do_not_specialize=["n_quant", "n_window", "chunk", "num_splits", "rep", "lq"])
 def _decode_kernel(
     Q, Out, MidO, MidL,
     KC, KS, KZ, VC, VS, VZ, WK, WV,
-    Start, End, Timeline, Pool,
-    qk_scale, n_quant, n_window, chunk, num_splits, num_kv_heads, rep, lq, pool_lo, pool_units, unit,
+    Start, End, Timeline,
+    qk_scale, n_quant, n_window, chunk, num_splits, num_kv_heads, rep, lq,
     stride_qb, stride_qh, stride_qm,
     stride_ob, stride_oh, stride_om,
     stride_kcb, stride_kch, stride_kct,
@@ -710,7 +665,6 @@ def _decode_kernel(
     HAS_START: tl.constexpr, HAS_END: tl.constexpr, SPLIT: tl.constexpr, MASKED: tl.constexpr,
     V_WORDS: tl.constexpr, V_FIELDS: tl.constexpr, V_FW: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, TIMELINE: tl.constexpr,
-    HAS_POOL: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -747,11 +701,6 @@ def _decode_kernel(
     if K_KIND == 2:
         qrow = Q + b * stride_qb + head[:, None] * stride_qh + qi[:, None] * stride_qm
         q0, q1, q2, q3 = _query_fields(qrow, row_ok, q_max, D, K_BITS, K_FW, K_SMODE <= 1)
-    else:  # unused
-        q0 = 0.0
-        q1 = 0.0
-        q2 = 0.0
-        q3 = 0.0
 
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -763,24 +712,14 @@ def _decode_kernel(
         acc1 = tl.zeros([BLOCK_M, V_FW], tl.float32)
         acc2 = tl.zeros([BLOCK_M, V_FW], tl.float32)
         acc3 = tl.zeros([BLOCK_M, V_FW], tl.float32)
-        acc = 0.0  # unused
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        acc0 = 0.0  # unused, as acc1-acc3
-        acc1 = 0.0
-        acc2 = 0.0
-        acc3 = 0.0
 
     # This split's tokens, less those before the row's first valid token (whole tiles only, so that a
-    # tile never straddles two blocks of per-channel scales). With HAS_POOL the splits' chunks cover
-    # the store up to pool_lo, the rest is taken in units from the pool, and the last split reads the
-    # window.
+    # tile never straddles two blocks of per-channel scales).
     lo = split * chunk
     hi = tl.minimum(lo + chunk, end)
-    if HAS_POOL:
-        hi = tl.where(split == num_splits - 1, end, hi)
-    first_tile = begin // BLOCK_N * BLOCK_N
-    lo = tl.maximum(lo, first_tile)
+    lo = tl.maximum(lo, begin // BLOCK_N * BLOCK_N)
 
     kc = KC + b * stride_kcb + h * stride_kch
     ks = KS + b * stride_ksb + h * stride_ksh
@@ -788,34 +727,31 @@ def _decode_kernel(
     vc = VC + b * stride_vcb + h * stride_vch
     vs = VS + b * stride_vsb + h * stride_vsh
     vz = VZ + b * stride_vsb + h * stride_vsh
-    q_stop = n_quant
-    if HAS_POOL:
-        q_stop = pool_lo
-    state = (m_i, l_i, acc, acc0, acc1, acc2, acc3)
-    state = _store_tiles(lo, tl.minimum(hi, q_stop), begin, qpos, qk_scale, state, q, qn, q_max, q_sum,
-                         q0, q1, q2, q3, kc, ks, kz, vc, vs, vz, offs_d, d_ok, stride_kct, stride_kst,
-                         stride_vct, stride_vst, D, K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, K_FW,
-                         V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, V_WORDS, V_FIELDS, V_FW, MASKED,
-                         INTERPRET, BLOCK_N, BLOCK_D)
-    if HAS_POOL:
-        # The pool: units of `unit` tokens from pool_lo on, taken from the (pair, row block)'s counter
-        # (zeroed for each call) by whichever of its programs is free, each asking for its next unit
-        # before it reads the current one. Programs on faster SMs take more: the chunks alone end as
-        # far apart as the SMs' shares of bandwidth (88-106 us at 16K, int8, one wave).
-        counter = Pool + pid_bh * tl.num_programs(2) + pid_m
-        q_end = tl.minimum(n_quant, end)
-        u = tl.atomic_add(counter, 1)
-        while u < pool_units:
-            after = tl.atomic_add(counter, 1)
-            u_lo = tl.maximum(pool_lo + u * unit, first_tile)
-            u_hi = tl.minimum(pool_lo + (u + 1) * unit, q_end)
-            state = _store_tiles(u_lo, u_hi, begin, qpos, qk_scale, state, q, qn, q_max, q_sum,
-                                 q0, q1, q2, q3, kc, ks, kz, vc, vs, vz, offs_d, d_ok, stride_kct,
-                                 stride_kst, stride_vct, stride_vst, D, K_KIND, K_BITS, K_SMODE, K_ROW_DIV,
-                                 K_COL_DIV, K_FW, V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, V_WORDS,
-                                 V_FIELDS, V_FW, MASKED, INTERPRET, BLOCK_N, BLOCK_D)
-            u = after
-    m_i, l_i, acc, acc0, acc1, acc2, acc3 = state
+    q_hi = tl.minimum(hi, n_quant)
+    for t0 in range(lo, q_hi, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        ok = (tok < q_hi) & (tok >= begin)
+        if K_KIND == 2:
+            s = _packed_key_scores(q, q0, q1, q2, q3, q_max, q_sum, kc, ks, kz, tok, ok, offs_d, d_ok, t0,
+                                   stride_kct, stride_kst, D, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N,
+                                   BLOCK_D, K_FW, MASKED, INTERPRET)
+        else:
+            s = _key_scores(q, qn, q_max, kc, ks, tok, ok, offs_d, d_ok, t0, stride_kct, stride_kst, D,
+                            K_KIND, K_BITS, K_SMODE, K_ROW_DIV, K_COL_DIV, BLOCK_N, BLOCK_D, MASKED,
+                            INTERPRET)
+        m_i, l_i, p, alpha = _softmax_step(s * qk_scale, tok, ok, qpos, m_i, l_i)
+        if V_FIELDS:
+            o0, o1, o2, o3 = _value_fields(p, vc, vs, vz, tok, ok, t0, stride_vct, stride_vst, D, V_BITS,
+                                           V_SMODE, V_ROW_DIV, V_FW, MASKED, INTERPRET)
+            acc0 = acc0 * alpha[:, None] + o0
+            acc1 = acc1 * alpha[:, None] + o1
+            if V_BITS == 2:
+                acc2 = acc2 * alpha[:, None] + o2
+                acc3 = acc3 * alpha[:, None] + o3
+        else:
+            acc = acc * alpha[:, None] + _value_product(
+                p, vc, vs, vz, tok, ok, offs_d, d_ok, t0, stride_vct, stride_vst, dtype, D,
+                V_KIND, V_BITS, V_SMODE, V_ROW_DIV, V_COL_DIV, BLOCK_N, BLOCK_D, MASKED, V_WORDS, INTERPRET)
 
     wk = WK + b * stride_wkb + h * stride_wkh
     wv = WV + b * stride_wvb + h * stride_wvh
@@ -962,20 +898,6 @@ def choose_splits(tokens: int, programs: int, block_n: int, device: torch.device
             return best[1], best[2]
         # The largest count of the next wave count.
         want = min(most, max(want + 1, math.ceil((want + 1) * programs / slots) * slots // programs))
-
-
-def tail_pool(num_quantized: int, splits: int, chunk: int, block_n: int) -> tuple[int, int, int, int]:
-    """``(chunk, pool_lo, pool_units, unit)`` of the Triton kernel's schedule: with :data:`TAIL_POOL`, the
-    last ``1 / POOL_FRACTION`` of the store (whole units of ``POOL_UNIT_TILES`` tiles) goes to a pool that
-    the programs of a (batch row, KV head, row block) take a unit at a time once their chunk is done,
-    and the chunks (whole tiles) cover the store up to ``pool_lo``; otherwise ``(chunk, 0, 0, 0)``."""
-    unit = POOL_UNIT_TILES * block_n
-    pooled = num_quantized // POOL_FRACTION // unit * unit
-    if not TAIL_POOL or splits < 2 or pooled < 2 * unit:
-        return chunk, 0, 0, 0
-    static = block_n * math.ceil((num_quantized - pooled) / (splits * block_n))
-    pool_lo = min(splits * static, num_quantized)
-    return static, pool_lo, math.ceil((num_quantized - pool_lo) / unit), unit
 
 
 def _chunked(tokens: int, splits: int, block_n: int) -> tuple[int, int]:
@@ -1154,17 +1076,14 @@ def _launch_triton(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_
     vfmt = _format_args(value_scheme, group, d, block_d, config.block_n)
     fields = (config.value_fields and vfmt["KIND"] == _PACKED
               and vfmt["SMODE"] in (_SCALE_TILE_ROW, _SCALE_TOKEN))
-    chunk, pool_lo, pool_units, unit = tail_pool(num_quantized, splits, chunk, config.block_n)
-    pool = torch.zeros(bsz * hkv * row_blocks, dtype=torch.int32, device=q.device) if pool_units else q
     _decode_kernel[(bsz * hkv, splits, row_blocks)](
         q, out, mid_o, mid_l,
         key_codes, key_scale, key_scale if key_zero is None else key_zero,
         value_codes, value_scale, value_scale if value_zero is None else value_zero,
         window_keys, window_values,
         q if start is None else start, q if end is None else end,  # q: a placeholder, never read
-        q if timeline is None else timeline, pool,
+        q if timeline is None else timeline,
         scale * math.log2(math.e), num_quantized, num_window, chunk, splits, hkv, hq // hkv, lq,
-        pool_lo, pool_units, unit,
         *q.stride()[:3], *out.stride()[:3],
         *key_codes.stride()[:3], *key_scale.stride()[:3],
         *value_codes.stride()[:3], *value_scale.stride()[:3],
@@ -1178,6 +1097,6 @@ def _launch_triton(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_
         V_FW=max(16, block_d // value_scheme.per_byte),
         INTERPRET=triton_interpreted(),
         BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, TIMELINE=timeline is not None,
-        HAS_POOL=pool_units > 0, num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages,
         **({} if config.maxnreg is None else {"maxnreg": config.maxnreg}),
     )
