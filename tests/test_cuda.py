@@ -213,6 +213,20 @@ SIZES = [
 ]
 
 
+def test_grouped_launcher_refuses_bad_arguments_and_sizes_its_grid():
+    x = torch.randn(1, 8, 16)
+    with pytest.raises(ValueError, match="what must be one of both, scales, codes"):
+        kc.grouped_quantize_into(x, 4, torch.empty(1, 2, 16), None, "all")
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        kc.grouped_quantize_into(x, 4, torch.empty(1, 2, 16), None, "scales")
+    sizes = [(1, 1, 1, 4, 2), (3, 300, 40, 128, 2), (2, 1000, 8192, 128, 4), (1, 9, 5, 300, 4)]
+    for b, t, d, g, itemsize in sizes:
+        g = min(g, t)
+        grid, block = kc.grouped_geometry(b, t, d, g, itemsize)
+        assert grid[0] == b * -(-t // g) and grid[1] * 32 * (16 // itemsize) >= d and block[0] == 32
+        assert 1 <= block[1] <= kc.GROUPED_MAX_WARPS and block[1] * kc.GROUPED_ROWS >= min(g, 256)
+
+
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("sms", [1, 132])
 def test_launch_geometry_covers_and_fits(size, sms):

@@ -346,6 +346,8 @@ def grouped_quantize_into(
     (at most T) with ``grouped.cu``: ``what="both"`` writes ``scale [B, ceil(T / group), D]`` float32 and
     the int8 ``codes`` (the shape of ``x``) in one pass, ``"scales"`` the scales only, ``"codes"`` the
     codes from the given scales."""
+    if what not in _GROUPED_KERNELS:
+        raise ValueError(f"what must be one of {', '.join(_GROUPED_KERNELS)}, got {what!r}")
     _check_tensor(x, "input", INPUT_DTYPES)
     if group < 1:
         raise ValueError(f"group must be a positive number of tokens, got {group}")
