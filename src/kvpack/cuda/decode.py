@@ -135,11 +135,24 @@ def resident_per_sm(d: int, dtype: torch.dtype, device_index: int) -> int:
 def _counters(n: int, like: torch.Tensor) -> torch.Tensor:
     """``n`` zeroed int32 counters for torch's current stream on ``like``'s device: a buffer kept per
     (device, stream), which the combine kernel of every call zeroes again (two calls on one stream run in
-    order; calls on different streams get different buffers)."""
-    key = (device_index(like), torch.cuda.current_stream(like.device).cuda_stream)
+    order; calls on different streams get different buffers).
+
+    The buffer is CuPy's memory seen as a tensor, outside torch's caching allocator: one allocated while
+    ``torch.compile(mode="reduce-overhead")`` warms up would sit untracked in its CUDA graphs' memory
+    pool, which it refuses. While a stream is being captured and no buffer exists yet, the counters are
+    a fresh tensor (its zeroing captured with the graph) and none is kept."""
+    index = device_index(like)
+    key = (index, torch.cuda.current_stream(like.device).cuda_stream)
     buffer = _COUNTERS.get(key)
     if buffer is None or buffer.numel() < n:
-        buffer = torch.zeros(max(n, 256), dtype=torch.int32, device=like.device)
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=like.device)
+        import cupy
+
+        with cupy.cuda.Device(index):
+            zeros = cupy.zeros(max(n, 256), dtype=cupy.int32)
+            cupy.cuda.Device(index).synchronize()
+        buffer = torch.from_dlpack(zeros)
         _COUNTERS[key] = buffer
     return buffer[:n]
 
