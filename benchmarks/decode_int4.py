@@ -25,7 +25,6 @@ from kvpack.bench import attention as bench
 from kvpack.bench import harness
 from kvpack.cuda import decode as cuda_decode
 from kvpack.cuda import pasted
-from kvpack.triton import attention as triton_attention
 from kvpack.triton.attention import default_config
 
 B, HQ, H, D = 8, 32, 8, 128
@@ -123,11 +122,6 @@ def main() -> None:
         "--static", action="store_true",
         help="also time the CUDA kernel with fixed chunks (no shared counter): cuda-static",
     )
-    p.add_argument(
-        "--counters", action="store_true",
-        help="also time each path with a memset of the counters per call (-memset) and with the combine "
-        "kernel's loads one after the other (-serial)",
-    )
     p.add_argument("--define", action="append", default=[],
                    help="also time a build of decode.cu with this macro, NAME=VALUE (repeatable)")
     p.add_argument("--preset", default="int4", help="cache preset (int4; others run the Triton kernel only)")
@@ -187,16 +181,10 @@ def main() -> None:
             variants = variants[:1]
         if args.static:
             variants += [("cuda-static", base, {})] if args.preset == "int4" else []
-        if args.counters:
-            variants += [("triton-serial", replace(base, kernel="triton"), None)]
-            if args.preset == "int4":
-                variants += [(n, base, {}) for n in ("cuda-memset", "cuda-serial", "cuda-memset-serial")]
         for name, config, defines in variants:
             if defines is not None:
                 _build(defines)
             cuda_decode.SHARE_TILES = name != "cuda-static"
-            cuda_decode.REUSE_COUNTERS = "memset" not in name
-            triton_attention.COMBINE_LOADS_TOGETHER = "serial" not in name
             t = ms(lambda layer, c=config: decode(q, layer, config=c), [(layer,) for layer in layers])
             err = bench._rel_error(decode(q, first, config=config), ref)
             per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if defines is not None else None

@@ -431,7 +431,7 @@ def test_gpu_cuda_graph_replay() -> None:
     with torch.cuda.graph(graph):
         out = decode(q, layer, start=start)
     keys, values = layer.dequantized()
-    for seed, first in [(9, 300), (10, 4000), (11, 0)]:  # replays reuse the counters the combine reset
+    for seed, first in [(9, 300), (10, 4000), (11, 0)]:  # each replay zeroes the counters anew
         q.copy_(queries(layer, 32, 1, seed=seed))
         start.copy_(torch.tensor([0, first]))
         graph.replay()

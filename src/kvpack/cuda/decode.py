@@ -40,11 +40,6 @@ _NAMES = {(d, dt): f"decode_int4_d{d}_{'bf16' if dt == torch.bfloat16 else 'f16'
 #: faster SMs take more (an H100's SMs streamed at rates up to 20% apart, and the slowest set the
 #: kernel's end); False: each takes every ``splits``-th unit (benchmarks compare the two).
 SHARE_TILES = True
-#: The counters live in a buffer kept per device and stream, zeroed once and reset by the combine kernel
-#: after each call (see :func:`launch`), rather than zeroed by a memset before each call (a node of its
-#: own in a CUDA graph). False: a memset per call.
-REUSE_COUNTERS = True
-_COUNTERS: dict[tuple[int, int], torch.Tensor] = {}
 _REGISTERS_PER_SM = 65536
 _MAX_BLOCKS_PER_SM = 32
 _SHARED_RESERVED_PER_BLOCK = 1024
@@ -132,40 +127,13 @@ def resident_per_sm(d: int, dtype: torch.dtype, device_index: int) -> int:
     return max(1, min(_MAX_BLOCKS_PER_SM, _REGISTERS_PER_SM // per_warp, by_shared))
 
 
-def _counters(n: int, like: torch.Tensor) -> torch.Tensor:
-    """``n`` zeroed int32 counters for torch's current stream on ``like``'s device: a buffer kept per
-    (device, stream), which the combine kernel of every call zeroes again (two calls on one stream run in
-    order; calls on different streams get different buffers).
-
-    The buffer is CuPy's memory seen as a tensor, outside torch's caching allocator: one allocated while
-    ``torch.compile(mode="reduce-overhead")`` warms up would sit untracked in its CUDA graphs' memory
-    pool, which it refuses. While a stream is being captured and no buffer exists yet, the counters are
-    a fresh tensor (its zeroing captured with the graph) and none is kept."""
-    index = device_index(like)
-    key = (index, torch.cuda.current_stream(like.device).cuda_stream)
-    buffer = _COUNTERS.get(key)
-    if buffer is None or buffer.numel() < n:
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(n, dtype=torch.int32, device=like.device)
-        import cupy
-
-        with cupy.cuda.Device(index):
-            zeros = cupy.zeros(max(n, 256), dtype=cupy.int32)
-            cupy.cuda.Device(index).synchronize()
-        buffer = torch.from_dlpack(zeros)
-        _COUNTERS[key] = buffer
-    return buffer[:n]
-
-
 def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch.Tensor,
            store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor, window_values: torch.Tensor,
            start: torch.Tensor | None, end: torch.Tensor | None, qk_scale: float, num_quantized: int,
-           num_window: int, splits: int, group: int) -> torch.Tensor | None:
+           num_window: int, splits: int, group: int) -> None:
     """Run ``decode.cu`` on torch's current stream: grid (batch x KV heads, splits), one warp each,
     the warps of a (batch row, KV head) taking its tiles from a counter (:data:`SHARE_TILES`).
-    ``qk_scale`` is the softmax scale times log2(e). Returns the counters (int32, one per pair; None
-    without SHARE_TILES or with one split): with :data:`REUSE_COUNTERS` the caller's combine kernel must
-    zero them for the next call."""
+    ``qk_scale`` is the softmax scale times log2(e)."""
     import cupy
 
     from kvpack.cuda import _stream
@@ -176,10 +144,7 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     # The kernel reads one int32 per batch row (the Triton kernel takes any integer type).
     start, end = (None if x is None else x.to(torch.int32).contiguous() for x in (start, end))
     # One counter per (batch row, KV head), zeroed for each call (a memset; graph-capturable).
-    units = None
-    if SHARE_TILES and splits > 1:
-        n = bsz * hkv
-        units = _counters(n, q) if REUSE_COUNTERS else torch.zeros(n, dtype=torch.int32, device=q.device)
+    units = torch.zeros(bsz * hkv, dtype=torch.int32, device=q.device) if SHARE_TILES and splits > 1 else None
     if kc is None:  # an empty store is never read: any pointer of the right strides' kind will do
         kc = vc = torch.empty(1, 1, 1, d // 2, dtype=torch.uint8, device=q.device)
         ks = kz = torch.empty(1, 1, 1, d, dtype=torch.float16, device=q.device)
@@ -203,4 +168,3 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     kernel = _kernel(_NAMES[(d, q.dtype)], device)
     with cupy.cuda.Device(device), _stream(cupy, q.device):
         kernel((bsz * hkv, splits, 1), (32, 1, 1), args)
-    return units

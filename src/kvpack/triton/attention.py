@@ -61,8 +61,6 @@ MAX_SPLITS = 128
 #: Smallest tile of a GPU decode over packed (int4/int2) codes: 16-token tiles gave relative errors of
 #: 2-3 on an H100 (Triton 3.6; every shape, split and padding tried), while the interpreter's were right.
 MIN_PACKED_BLOCK_N = 32
-#: The combine kernel loads the partial outputs together with their lse rather than after them.
-COMBINE_LOADS_TOGETHER = True
 #: Fewest tokens worth a split of their own.
 MIN_SPLIT_TOKENS = 64
 #: What starting and draining a wave of programs costs, in tokens one program could stream meanwhile
@@ -803,13 +801,10 @@ def _decode_kernel(
 
 
 @triton.jit(do_not_specialize=["num_splits", "lq"])
-def _combine_kernel(MidO, MidL, Out, Counters, num_splits, num_heads, lq, n_counters, stride_ob, stride_oh,
-                    stride_om, D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-                    TOGETHER: tl.constexpr, RESET: tl.constexpr, INTERPRET: tl.constexpr):
+def _combine_kernel(MidO, MidL, Out, num_splits, num_heads, lq, stride_ob, stride_oh, stride_om,
+                    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRET: tl.constexpr):
     """``out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)`` with ``M = max_s lse_s``; zeros if no split
-    saw a key. TOGETHER: the partial outputs are loaded with the lse (every split writes its row), not
-    after them, so the two loads' latencies overlap. RESET: program ``r`` zeroes ``Counters[r]`` (r <
-    n_counters), the CUDA decode kernel's per-pair counters, ready for the next call."""
+    saw a key."""
     r = tl.program_id(0).to(tl.int64)
     qi = r % lq
     head = (r // lq) % num_heads
@@ -818,19 +813,12 @@ def _combine_kernel(MidO, MidL, Out, Counters, num_splits, num_heads, lq, n_coun
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
     d_ok = offs_d < D
-    if RESET:
-        tl.store(Counters + r, 0, mask=r < n_counters)
-    rows = MidO + (r * num_splits + offs_s)[:, None] * D + offs_d[None, :]
-    if TOGETHER:
-        o = tl.load(rows, mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     lse = tl.load(MidL + r * num_splits + offs_s, mask=s_ok, other=float("-inf"))
     seen = lse > float("-inf")
     top = tl.max(tl.where(seen, lse, -1.0e30), 0)
     w = tl.where(seen, tl.exp2(lse - top), 0.0)
-    if TOGETHER:
-        o = tl.where(seen[:, None], o, 0.0)
-    else:
-        o = tl.load(rows, mask=seen[:, None] & d_ok[None, :], other=0.0)
+    o = tl.load(MidO + (r * num_splits + offs_s)[:, None] * D + offs_d[None, :],
+                mask=seen[:, None] & d_ok[None, :], other=0.0)
     total = tl.sum(w, 0)
     out = tl.sum(w[:, None] * o, 0) / tl.where(total > 0, total, 1.0)
     tl.store(Out + b * stride_ob + head * stride_oh + qi * stride_om + offs_d,
@@ -1019,22 +1007,19 @@ def decode_attention(
         mid_l = torch.empty(bsz, hq, lq, splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_l = out
-    counters = None
     if cuda:
         _check_layout(q, *store, window_keys, window_values)
-        counters = cuda_decode.launch(q, out, mid_o, mid_l, store, window_keys, window_values, start, end,
-                                      scale * math.log2(math.e), num_quantized, num_window, splits, group)
+        cuda_decode.launch(q, out, mid_o, mid_l, store, window_keys, window_values, start, end,
+                           scale * math.log2(math.e), num_quantized, num_window, splits, group)
     else:
         _launch_triton(q, out, mid_o, mid_l, store, window_keys, window_values, num_quantized, num_window,
                        key_scheme, value_scheme, group, scale, start, end, config, timeline, splits, chunk,
                        row_blocks, block_m, block_d)
     if splits > 1:
-        reset = counters is not None and cuda_decode.REUSE_COUNTERS
         _combine_kernel[(bsz * hq * lq,)](
-            mid_o, mid_l, out, counters if reset else mid_l, splits, hq, lq, counters.numel() if reset else 0,
-            *out.stride()[:3], D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
-            TOGETHER=COMBINE_LOADS_TOGETHER, RESET=reset, INTERPRET=triton_interpreted(),
-            num_warps=4 if block_d <= 128 else 8,
+            mid_o, mid_l, out, splits, hq, lq, *out.stride()[:3],
+            D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
+            INTERPRET=triton_interpreted(), num_warps=4 if block_d <= 128 else 8,
         )
     return out
 
