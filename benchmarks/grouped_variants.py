@@ -15,7 +15,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 from pathlib import Path
 
 import cupy
@@ -37,20 +36,13 @@ BUILDS = {
 }
 
 
-def timed(fn, repeats: int) -> float:
-    """Median milliseconds of ``fn()`` over ``repeats`` launches, after two warm-up calls."""
+def timed(fn, repeats: int) -> float:  # noqa: ANN001
+    """Median milliseconds of ``fn()`` over ``repeats`` timings by the benchmark harness, after two
+    warm-up calls."""
     fn()
     fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    samples, _ = harness.time_calls(fn, [()], repeats, torch.device("cuda"))
+    return harness.median(samples) * 1e3
 
 
 def main() -> None:

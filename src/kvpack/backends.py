@@ -96,21 +96,13 @@ def why_not(backend: Backend, scheme: Scheme, device: torch.device) -> str | Non
         if not _has("numba"):
             return "cpu-scalar needs numba: pip install 'kvpack[cpu]' (or pip install numba)"
         return None
-    if backend in CUDA_VARIANTS:
+    if backend in CUDA_VARIANTS or backend == Backend.CUDA_GROUPED:
         if device.type != "cuda":
             return f"{backend} needs CUDA tensors (a tensor on {device} was given)"
-        if not _is_paper_scheme(scheme):
-            return f"{backend} implements the paper's int8-channel only, not {scheme.name}"
-        if not _has("cupy"):
-            return (
-                f"{backend} compiles its CUDA C with CuPy's NVRTC: pip install cupy-cuda12x (or cupy-cuda13x)"
-            )
-        return None
-    if backend == Backend.CUDA_GROUPED:
-        if device.type != "cuda":
-            return f"{backend} needs CUDA tensors (a tensor on {device} was given)"
-        if not _is_grouped_int8_channel(scheme):
+        if backend == Backend.CUDA_GROUPED and not _is_grouped_int8_channel(scheme):
             return f"{backend} implements int8-channel in groups of tokens (-gN), not {scheme.name}"
+        if backend != Backend.CUDA_GROUPED and not _is_paper_scheme(scheme):
+            return f"{backend} implements the paper's int8-channel only, not {scheme.name}"
         if not _has("cupy"):
             return (
                 f"{backend} compiles its CUDA C with CuPy's NVRTC: pip install cupy-cuda12x (or cupy-cuda13x)"

@@ -336,6 +336,21 @@ def decode_into(variant: str, codes: torch.Tensor, scale: torch.Tensor, out: tor
     return out
 
 
+def _dequantize_output(
+    codes: torch.Tensor, zero: torch.Tensor | None, scheme: Scheme, channels: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Check a dequantize call's codes, zero point and dtype (symmetric int8 codes, ``channels`` wide);
+    return the empty output."""
+    if zero is not None:
+        raise ValueError(f"{scheme.name} is symmetric: zero must be None")
+    _check_tensor(codes, "codes", (torch.int8,))
+    if codes.shape[2] != channels:
+        raise ValueError(f"codes have {codes.shape[2]} channels, expected {channels}")
+    if dtype not in INPUT_DTYPES:
+        raise TypeError(f"dequantize dtype {dtype} is not supported by the CUDA C kernels")
+    return torch.empty(codes.shape, dtype=dtype, device=codes.device)
+
+
 _GROUPED_KERNELS = {"both": "quantize", "scales": "scales", "codes": "encode"}
 
 
@@ -441,14 +456,7 @@ class CudaGrouped:
     ) -> torch.Tensor:
         """``codes * scale`` as ``dtype`` (float32/16/bf16), shape ``[B, T, channels]``."""
         _check_grouped_scheme(scheme)
-        if zero is not None:
-            raise ValueError("int8-channel-gN is symmetric: zero must be None")
-        _check_tensor(codes, "codes", (torch.int8,))
-        if codes.shape[2] != channels:
-            raise ValueError(f"codes have {codes.shape[2]} channels, expected {channels}")
-        if dtype not in INPUT_DTYPES:
-            raise TypeError(f"dequantize dtype {dtype} is not supported by the CUDA C kernels")
-        out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+        out = _dequantize_output(codes, zero, scheme, channels, dtype)
         return grouped_dequantize_into(codes, scale, scheme.group_size(codes.shape[1], channels), out)
 
 
@@ -499,15 +507,7 @@ class CudaVariant:
     ) -> torch.Tensor:
         """``codes * scale`` as ``dtype`` (float32/16/bf16), shape ``[B, T, channels]``."""
         _check_scheme(scheme)
-        if zero is not None:
-            raise ValueError("int8-channel is symmetric: zero must be None")
-        _check_tensor(codes, "codes", (torch.int8,))
-        if codes.shape[2] != channels:
-            raise ValueError(f"codes have {codes.shape[2]} channels, expected {channels}")
-        if dtype not in INPUT_DTYPES:
-            raise TypeError(f"dequantize dtype {dtype} is not supported by the CUDA C kernels")
-        out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
-        return decode_into(self.name, codes, scale, out)
+        return decode_into(self.name, codes, scale, _dequantize_output(codes, zero, scheme, channels, dtype))
 
 
 @functools.cache
