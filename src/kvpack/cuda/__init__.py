@@ -244,6 +244,8 @@ def _check_grouped_scheme(scheme: Scheme) -> None:
 
 
 def _check_grouped_scale(scale: Any, like: torch.Tensor, group: int) -> None:
+    if group < 1:
+        raise ValueError(f"group must be a positive number of tokens, got {group}")
     _check_tensor(scale, "scale", (torch.float32,))
     b, t, d = like.shape
     want = (b, _cdiv(t, group), d)
@@ -364,8 +366,6 @@ def grouped_quantize_into(
     if what not in _GROUPED_KERNELS:
         raise ValueError(f"what must be one of {', '.join(_GROUPED_KERNELS)}, got {what!r}")
     _check_tensor(x, "input", INPUT_DTYPES)
-    if group < 1:
-        raise ValueError(f"group must be a positive number of tokens, got {group}")
     _check_grouped_scale(scale, x, group)
     if what != "scales":
         _check_tensor(codes, "codes", (torch.int8,))
@@ -388,8 +388,6 @@ def grouped_dequantize_into(
     """Write ``codes [B, T, D] * scale[:, t // group]`` into ``out`` (float32/16/bf16, the shape of
     ``codes``): float32 products, rounded once. Returns ``out``."""
     _check_tensor(codes, "codes", (torch.int8,))
-    if group < 1:
-        raise ValueError(f"group must be a positive number of tokens, got {group}")
     _check_grouped_scale(scale, codes, group)
     _check_tensor(out, "out", INPUT_DTYPES)
     _check_same(codes, out, "out")
@@ -412,13 +410,18 @@ class CudaGrouped:
 
     name = "grouped"
 
-    def compute_scales(self, x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, None]:
-        """``scale [B, ceil(T / G), D]`` float32 of ``x [B, T, D]``."""
+    @staticmethod
+    def _scale(x: torch.Tensor, scheme: Scheme) -> tuple[int, torch.Tensor]:
+        """The group size of ``x [B, T, D]`` in ``scheme`` and an empty ``scale [B, ceil(T / G), D]``."""
         _check_grouped_scheme(scheme)
         _check_tensor(x, "input", INPUT_DTYPES)
         b, t, d = x.shape
         g = scheme.group_size(t, d)
-        scale = torch.empty((b, _cdiv(t, g), d), dtype=torch.float32, device=x.device)
+        return g, torch.empty((b, _cdiv(t, g), d), dtype=torch.float32, device=x.device)
+
+    def compute_scales(self, x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, None]:
+        """``scale [B, ceil(T / G), D]`` float32 of ``x [B, T, D]``."""
+        g, scale = self._scale(x, scheme)
         grouped_quantize_into(x, g, scale, None, "scales")
         return scale, None
 
@@ -428,7 +431,7 @@ class CudaGrouped:
         """int8 codes ``[B, T, D]`` of ``x`` given its scales."""
         _check_grouped_scheme(scheme)
         if zero is not None:
-            raise ValueError("int8-channel-gN is symmetric: zero must be None")
+            raise ValueError(f"{scheme.name} is symmetric: zero must be None")
         _check_tensor(x, "input", INPUT_DTYPES)
         codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
         grouped_quantize_into(x, scheme.group_size(x.shape[1], x.shape[2]), scale, codes, "codes")
@@ -436,11 +439,7 @@ class CudaGrouped:
 
     def quantize(self, x: torch.Tensor, scheme: Scheme) -> tuple[torch.Tensor, torch.Tensor, None]:
         """``(codes [B, T, D] int8, scale [B, ceil(T / G), D] float32, None)`` in one pass over ``x``."""
-        _check_grouped_scheme(scheme)
-        _check_tensor(x, "input", INPUT_DTYPES)
-        b, t, d = x.shape
-        g = scheme.group_size(t, d)
-        scale = torch.empty((b, _cdiv(t, g), d), dtype=torch.float32, device=x.device)
+        g, scale = self._scale(x, scheme)
         codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
         grouped_quantize_into(x, g, scale, codes, "both")
         return codes, scale, None
