@@ -122,6 +122,15 @@ def main() -> None:
         "--static", action="store_true",
         help="also time the CUDA kernel with fixed chunks (no shared counter): cuda-static",
     )
+    p.add_argument(
+        "--separate", action="store_true",
+        help="also time the CUDA kernel with the Triton combine kernel (not fused): cuda-separate",
+    )
+    p.add_argument("--tail", type=_ints, default=[],
+                   help="also time the default build with these TAIL_TILES (tiles per program at the end)")
+    p.add_argument("--set", action="append", default=[],
+                   help="also time the default build with these kvpack.cuda.decode settings, "
+                        "NAME=INT[,NAME=INT] (repeatable; e.g. FUSED_COMBINE=0,TAIL_TILES=0)")
     p.add_argument("--define", action="append", default=[],
                    help="also time a build of decode.cu with this macro, NAME=VALUE (repeatable)")
     p.add_argument("--preset", default="int4", help="cache preset (int4; others run the Triton kernel only)")
@@ -170,21 +179,32 @@ def main() -> None:
         keys, values = first.dequantized()
         ref = bench.sdpa_decode(q, keys, values, True)
         del keys, values
-        variants = [("triton", replace(base, kernel="triton"), None)]
-        variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}) for m in args.min_blocks]
-        variants += [(f"cuda-splits{n}", replace(base, num_splits=n), {}) for n in args.splits]
+        # (label, config, macros of the build (None: Triton), settings of kvpack.cuda.decode)
+        variants = [("triton", replace(base, kernel="triton"), None, {})]
+        variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}, {})
+                     for m in args.min_blocks]
+        variants += [(f"cuda-splits{n}", replace(base, num_splits=n), {}, {}) for n in args.splits]
+        variants += [(f"cuda-tail{n}", base, {}, {"TAIL_TILES": n}) for n in args.tail]
+        for text in args.set:
+            changes = {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
+            label = "cuda-" + "-".join(f"{k.lower()}{v}" for k, v in changes.items())
+            variants += [(label, base, {}, changes)]
         for d in args.define:
             name, value = d.split("=")
             label = f"cuda-{name.removeprefix('KVPACK_DECODE_').lower()}{value}"
-            variants += [(label, base, {name: int(value)})]
+            variants += [(label, base, {name: int(value)}, {})]
+        if args.static:
+            variants += [("cuda-static", base, {}, {"SHARE_TILES": False})]
+        if args.separate:
+            variants += [("cuda-separate", base, {}, {"FUSED_COMBINE": False})]
         if args.preset != "int4":
             variants = variants[:1]
-        if args.static:
-            variants += [("cuda-static", base, {})] if args.preset == "int4" else []
-        for name, config, defines in variants:
+        settings = {k: getattr(cuda_decode, k) for k in ("SHARE_TILES", "FUSED_COMBINE", "TAIL_TILES")}
+        for name, config, defines, changes in variants:
             if defines is not None:
                 _build(defines)
-            cuda_decode.SHARE_TILES = name != "cuda-static"
+            for k, v in {**settings, **changes}.items():
+                setattr(cuda_decode, k, v)
             t = ms(lambda layer, c=config: decode(q, layer, config=c), [(layer,) for layer in layers])
             err = bench._rel_error(decode(q, first, config=config), ref)
             per_sm = cuda_decode.resident_per_sm(D, torch.float16, 0) if defines is not None else None
@@ -200,12 +220,15 @@ def main() -> None:
                 rel_error=err,
                 per_sm=per_sm,
             )
+            row.update({k.lower(): getattr(cuda_decode, k) for k in settings})
             rows.append(row)
             print(
                 f"{ctx:>7} {name:<16} {t:.4f} ms  SDPA {sdpa:.4f}  x{sdpa / t:.2f}  "
                 f"{row['gbps']:.0f} GB/s ({row['of_copy']:.0%})  err {err:.1e}  per_sm {per_sm}",
                 flush=True,
             )
+        for k, v in settings.items():
+            setattr(cuda_decode, k, v)
         if args.profile:
             _build({})
             profile(functools.partial(decode, q, first), ctx)
