@@ -122,15 +122,9 @@ def main() -> None:
         "--static", action="store_true",
         help="also time the CUDA kernel with fixed chunks (no shared counter): cuda-static",
     )
-    p.add_argument(
-        "--separate", action="store_true",
-        help="also time the CUDA kernel with the Triton combine kernel (not fused): cuda-separate",
-    )
-    p.add_argument("--tail", type=_ints, default=[],
-                   help="also time the default build with these TAIL_TILES (tiles per program at the end)")
     p.add_argument("--set", action="append", default=[],
                    help="also time the default build with these kvpack.cuda.decode settings, "
-                        "NAME=INT[,NAME=INT] (repeatable; e.g. FUSED_COMBINE=0,TAIL_TILES=0)")
+                        "NAME=INT[,NAME=INT] (repeatable; e.g. SHARE_TILES=0)")
     p.add_argument("--define", action="append", default=[],
                    help="also time a build of decode.cu with this macro, NAME=VALUE (repeatable)")
     p.add_argument("--preset", default="int4", help="cache preset (int4; others run the Triton kernel only)")
@@ -184,7 +178,6 @@ def main() -> None:
         variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}, {})
                      for m in args.min_blocks]
         variants += [(f"cuda-splits{n}", replace(base, num_splits=n), {}, {}) for n in args.splits]
-        variants += [(f"cuda-tail{n}", base, {}, {"TAIL_TILES": n}) for n in args.tail]
         for text in args.set:
             changes = {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
             label = "cuda-" + "-".join(f"{k.lower()}{v}" for k, v in changes.items())
@@ -195,11 +188,9 @@ def main() -> None:
             variants += [(label, base, {name: int(value)}, {})]
         if args.static:
             variants += [("cuda-static", base, {}, {"SHARE_TILES": False})]
-        if args.separate:
-            variants += [("cuda-separate", base, {}, {"FUSED_COMBINE": False})]
         if args.preset != "int4":
             variants = variants[:1]
-        settings = {k: getattr(cuda_decode, k) for k in ("SHARE_TILES", "FUSED_COMBINE", "TAIL_TILES")}
+        settings = {k: getattr(cuda_decode, k) for k in ("SHARE_TILES",)}
         for name, config, defines, changes in variants:
             if defines is not None:
                 _build(defines)

@@ -22,7 +22,6 @@ from kvpack.cache import CACHE_PRESETS, QuantizedLayer
 from kvpack.cuda import decode as cuda_decode
 from kvpack.cuda import pasted
 from kvpack.schemes import parse
-from kvpack.triton import attention as triton_attention
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -182,54 +181,6 @@ def test_long_key_groups_and_both_schedules(key_format: str, share: bool,
     layer = make_layer(batch=2, kv_heads=2, tokens=6000 + 33, key_format=key_format)
     for splits in (None, 3):
         check(queries(layer, 8, 1), layer, splits=splits)
-
-
-@requires_cuda_kernel
-@pytest.mark.gpu
-@pytest.mark.parametrize("tail", [0, 1, 3])
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "combine-kernel"])
-def test_combine_in_the_kernel_or_apart_and_tail_tiles(fused: bool, tail: int,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    # The splits combined by the pair's last program or by the combine kernel; the end of each pair's
-    # store handed out as single tiles (tail tiles per program) or in key-group units only; rows that
-    # start inside a unit and a row that most splits see nothing of.
-    monkeypatch.setattr(cuda_decode, "FUSED_COMBINE", fused)
-    monkeypatch.setattr(cuda_decode, "TAIL_TILES", tail)
-    layer = make_layer(batch=3, kv_heads=2, tokens=6000 + 33, key_format="int4-channel-g256")
-    for splits in (None, 5, 128):
-        check(queries(layer, 8, 1), layer, splits=splits)
-    n = layer.seq_length
-    start = torch.tensor([0, 1000 + 17, n - 70], device="cuda")
-    lengths = torch.tensor([n, n - 300, n - 5], device="cuda")
-    for q_len in (1, 2):
-        q = queries(layer, 8, q_len)
-        out = run(q, layer, "cuda", start=start, lengths=lengths, splits=64)
-        assert_rows_match(out, q, *layer.dequantized(), start, lengths, TOLERANCE)
-
-
-@requires_cuda_kernel
-@pytest.mark.gpu
-def test_more_splits_than_the_kernel_combines_go_to_the_combine_kernel(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    combine = triton_attention._combine_kernel
-    monkeypatch.setattr(triton_attention, "_combine_kernel", _Recorder(combine, calls))
-    layer = make_layer(batch=1, kv_heads=1, tokens=200 * 64)
-    check(queries(layer, 4, 1), layer, splits=64)  # 50 splits of 256 tokens, combined in the kernel
-    assert len(calls) == 1  # check's Triton run
-    check(queries(layer, 4, 1), layer, splits=200)  # 200 splits of 64 tokens: more than it combines
-    assert len(calls) == 3 and 200 > cuda_decode.MAX_SPLITS
-
-
-class _Recorder:
-    """A Triton kernel's ``[grid](...)`` launches, counted."""
-
-    def __init__(self, kernel: object, calls: list) -> None:
-        self.kernel, self.calls = kernel, calls
-
-    def __getitem__(self, grid: object) -> object:
-        self.calls.append(grid)
-        return self.kernel[grid]
 
 
 @requires_cuda_kernel

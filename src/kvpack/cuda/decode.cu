@@ -10,9 +10,8 @@
 //
 // One warp is one program: one of num_splits partial softmaxes of a (batch row, KV head)
 // (flash-decoding split). The programs of a pair take its work from a counter: the window's tiles,
-// then units of one key group (at most 4 tiles), the last few as single tiles, so that programs on
-// faster SMs take more (an H100's SMs stream at rates up to 20% apart; fixed chunks left the kernel
-// waiting for the slowest) and the pair's programs end close together. Each
+// then units of one key group (at most 4 tiles), so that programs on faster SMs take more (an H100's
+// SMs stream at rates up to 20% apart; fixed chunks left the kernel waiting for the slowest). Each
 // tile's bytes are copied into shared memory (cp.async) while the tile before computes. Both
 // products are computed transposed, so that the eight query rows are the mma's N side and the codes
 // its A operand, loaded as they lie in memory:
@@ -46,8 +45,7 @@
 // accumulator is rescaled with the softmax's alpha). Each tile's value product starts from zero and
 // joins the float32 accumulator with that rescale. The window's products run in the query dtype.
 // Output: one split writes out (query dtype) directly, several write float32 partial outputs and
-// lse = m + log2(l); then the last of the pair's programs to finish combines them (with a counter of
-// finished programs, Done), or, without Done, the combine kernel does (kvpack.triton.attention).
+// lse = m + log2(l) for the combine kernel (kvpack.triton.attention).
 //
 // Offsets of a (batch row, head) slice are 64-bit; inside one slice 32-bit (the launcher checks).
 
@@ -85,7 +83,6 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #define TIMELINE_MARK(i)
 #endif
 #define NEG_INF __int_as_float(0xff800000u)
-#define MAX_SPLITS 128  // kvpack.triton.attention.MAX_SPLITS: the fused combine's weights in shared memory
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
 
@@ -234,10 +231,10 @@ __device__ __forceinline__ void decode_int4(
     const unsigned char* __restrict__ KC, const u16* __restrict__ KS, const u16* __restrict__ KZ,
     const unsigned char* __restrict__ VC, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ WK, const u16* __restrict__ WV, const int* __restrict__ Start,
-    const int* __restrict__ End, int* __restrict__ Units, int* __restrict__ Done, int tail, float qk_scale,
-    int n_quant, int n_window, int num_splits, int num_kv_heads, int rep, int lq, int group, i64 sqb,
-    i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som, i64 skcb, i64 skch, i64 sksb, i64 sksh, i64 svcb,
-    i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh, i64 swkt, i64 swvb, i64 swvh, i64 swvt) {
+    const int* __restrict__ End, int* __restrict__ Units, float qk_scale, int n_quant, int n_window, int num_splits,
+    int num_kv_heads, int rep, int lq, int group, i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som,
+    i64 skcb, i64 skch, i64 sksb, i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh,
+    i64 swkt, i64 swvb, i64 swvh, i64 swvt) {
     constexpr int NB = D / 2;        // bytes per token row
     constexpr int KB = D / 8;        // key bytes per lane per token
     constexpr int KW = KB / 4;       // key words per lane per token
@@ -281,21 +278,9 @@ __device__ __forceinline__ void decode_int4(
     const int n_wtiles = w_first < end ? (end - w_first + TILE - 1) / TILE : 0;
     const int u_first = begin / unit_tokens;
     const int n_units = q_end > u_first * unit_tokens ? (q_end - 1) / unit_tokens + 1 - u_first : 0;
-    // The store's last units go out as single tiles (about `tail` per program), so that the pair's
-    // programs end closer together.
-    const int n_full = max(0, n_units - (tail * num_splits + ut - 1) / ut);
-    const int tail0 = max((u_first + n_full) * ut, begin / TILE);  // first tail tile
-    const int n_tail = max(0, (q_end + TILE - 1) / TILE - tail0);
-    const int n_items = n_wtiles + n_full + n_tail;
-    auto unit_start = [&](int item) {
-        const int j = item - n_wtiles;
-        return j < n_full ? max((u_first + j) * unit_tokens, begin / TILE * TILE)
-                          : (tail0 + j - n_full) * TILE;
-    };
-    auto unit_stop = [&](int item) {
-        const int j = item - n_wtiles;
-        return min(j < n_full ? (u_first + j + 1) * unit_tokens : (tail0 + j - n_full + 1) * TILE, q_end);
-    };
+    const int n_items = n_wtiles + n_units;
+    auto unit_start = [&](int item) { return max((u_first + item - n_wtiles) * unit_tokens, begin / TILE * TILE); };
+    auto unit_stop = [&](int item) { return min((u_first + item - n_wtiles + 1) * unit_tokens, q_end); };
     int ticket = 0;  // lane 0: the counter's answer for this program's next item, asked one step ahead
     auto request = [&]() {
         if (Units != nullptr && lane == 0) ticket = atomicAdd(Units + bh, 1);
@@ -762,86 +747,6 @@ __device__ __forceinline__ void decode_int4(
         if (num_splits > 1 && g == 0) MidL[r] = ll > 0.0f ? mm + __log2f(ll) : NEG_INF;
     }
     TIMELINE_MARK(3);
-    if (num_splits == 1 || Done == nullptr) return;
-
-    // Fused combine: the pair's last program to finish (the counter Done, zeroed for each call) weights
-    // the num_splits partials of its rows by 2^(lse - max lse) and writes the output; no split that saw
-    // a key: zeros. The partials are read from L2 (other SMs wrote them; L1 is not coherent).
-    __threadfence();  // this lane's partials visible to the GPU before the count says so
-    __syncwarp();
-    int last = 0;
-    if (lane == 0) last = atomicAdd(Done + bh, 1) == num_splits - 1;
-    if (!__shfl_sync(0xffffffffu, last, 0)) return;
-    __threadfence();
-    cp_async_wait<0>();
-    __syncwarp();
-    static_assert(sizeof(stages) >= 4 * MAX_ROWS * (MAX_SPLITS + 1), "the combine's weights fit the stages");
-    float* wts = reinterpret_cast<float*>(stages);  // [rows][num_splits] weights, then [rows] sums
-    const int S = num_splits;
-    const i64 pair_row = (b * (num_kv_heads * rep) + h * rep) * lq;  // the pair's rows are consecutive
-#pragma unroll
-    for (int n = 0; n < MAX_ROWS; ++n) {
-        if (n >= rows) break;
-        const float* ls = MidL + (pair_row + n) * S;
-        float top = -1.0e30f;
-        for (int sp = lane; sp < S; sp += 32) {
-            const float x = __ldcg(ls + sp);
-            wts[n * S + sp] = x;
-            top = fmaxf(top, x);
-        }
-        top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 1));
-        top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, 2));
-        top = warp_max_g(top);
-        float total = 0.0f;
-        for (int sp = lane; sp < S; sp += 32) {
-            const float x = wts[n * S + sp];
-            const float w = x > NEG_INF ? exp2_approx(x - top) : 0.0f;
-            wts[n * S + sp] = w;
-            total += w;
-        }
-        total += __shfl_xor_sync(0xffffffffu, total, 1);
-        total += __shfl_xor_sync(0xffffffffu, total, 2);
-        total = warp_sum_g(total);
-        if (lane == 0) wts[MAX_ROWS * MAX_SPLITS + n] = total;
-    }
-    __syncwarp();
-    // Lane: 4 channels of row ro + RPP k (RPP rows side by side when D < 128).
-    constexpr int LPR = D / 4, RPP = 32 / LPR, KR = MAX_ROWS / RPP;
-    const int ro = lane / LPR, ch = 4 * (lane % LPR);
-    float4 sum[KR];
-#pragma unroll
-    for (int k = 0; k < KR; ++k) sum[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int s0 = 0; s0 < S; s0 += 4) {
-#pragma unroll
-        for (int k = 0; k < KR; ++k) {
-            const int n = ro + RPP * k;
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                const int sp = s0 + u;
-                if (n < rows && sp < S) {  // every program wrote its partial: finite, 0 if it saw no key
-                    const float w = wts[n * S + sp];
-                    const float* part = MidO + ((pair_row + n) * S + sp) * D + ch;
-                    const float4 o = __ldcg(reinterpret_cast<const float4*>(part));
-                    sum[k].x = fmaf(w, o.x, sum[k].x);
-                    sum[k].y = fmaf(w, o.y, sum[k].y);
-                    sum[k].z = fmaf(w, o.z, sum[k].z);
-                    sum[k].w = fmaf(w, o.w, sum[k].w);
-                }
-            }
-        }
-    }
-#pragma unroll
-    for (int k = 0; k < KR; ++k) {
-        const int n = ro + RPP * k;
-        if (n >= rows) continue;
-        const float total = wts[MAX_ROWS * MAX_SPLITS + n];
-        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-        u16* o = Out + b * sob + (h * rep + n / lq) * soh + (i64)(n % lq) * som + ch;
-        o[0] = QT::from_float(sum[k].x * inv);
-        o[1] = QT::from_float(sum[k].y * inv);
-        o[2] = QT::from_float(sum[k].z * inv);
-        o[3] = QT::from_float(sum[k].w * inv);
-    }
 }
 
 #define KVPACK_DECODE_INT4(NAME, D, BF16)                                                        \
@@ -851,14 +756,14 @@ __device__ __forceinline__ void decode_int4(
         const u16* __restrict__ KZ, const unsigned char* __restrict__ VC, const u16* __restrict__ VS, \
         const u16* __restrict__ VZ, const u16* __restrict__ WK, const u16* __restrict__ WV,          \
         const int* __restrict__ Start, const int* __restrict__ End, int* __restrict__ Units,         \
-        int* __restrict__ Done, int tail, float qk_scale, int n_quant, int n_window, int num_splits,  \
-        int num_kv_heads, int rep, int lq, int group,                                                 \
+        float qk_scale, int n_quant, int n_window, int num_splits, int num_kv_heads, int rep, int lq, \
+        int group,                                                                                    \
         i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som, i64 skcb, i64 skch, i64 sksb,          \
         i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh, i64 swkt, i64 swvb,    \
         i64 swvh, i64 swvt) {                                                                         \
         decode_int4<D, BF16>(Q, Out, MidO, MidL, KC, KS, KZ, VC, VS, VZ, WK, WV, Start, End, Units,  \
-                             Done, tail, qk_scale, n_quant, n_window, num_splits, num_kv_heads, rep,  \
-                             lq, group, sqb, sqh, sqm, sob, soh, som, skcb, skch, sksb, sksh, svcb, svch, \
+                             qk_scale, n_quant, n_window, num_splits, num_kv_heads, rep, lq,          \
+                             group, sqb, sqh, sqm, sob, soh, som, skcb, skch, sksb, sksh, svcb, svch, \
                              svsb, svsh, swkb, swkh, swkt, swvb, swvh, swvt);                         \
     }
 

@@ -34,20 +34,12 @@ SOURCE = Path(__file__).with_name("decode.cu")
 TILE = 64
 HEAD_DIMS = (64, 128)
 MAX_ROWS = 8
-#: Most splits the kernel combines itself (``MAX_SPLITS`` in decode.cu: its weights in shared memory).
-MAX_SPLITS = 128
 _NAMES = {(d, dt): f"decode_int4_d{d}_{'bf16' if dt == torch.bfloat16 else 'f16'}"
           for d in HEAD_DIMS for dt in (torch.float16, torch.bfloat16)}
 #: The programs of a (batch row, KV head) take its tiles from a counter, so that those on the GPU's
 #: faster SMs take more (an H100's SMs streamed at rates up to 20% apart, and the slowest set the
 #: kernel's end); False: each takes every ``splits``-th unit (benchmarks compare the two).
 SHARE_TILES = True
-#: The last program of a (batch row, KV head) to finish combines its splits' partials (no combine
-#: kernel); False: the Triton combine kernel does (benchmarks compare the two).
-FUSED_COMBINE = True
-#: Tiles per program that the end of a (batch row, KV head)'s store is handed out in one at a time
-#: (key-group units before), so that its programs end closer together.
-TAIL_TILES = 1
 _REGISTERS_PER_SM = 65536
 _MAX_BLOCKS_PER_SM = 32
 _SHARED_RESERVED_PER_BLOCK = 1024
@@ -138,12 +130,10 @@ def resident_per_sm(d: int, dtype: torch.dtype, device_index: int) -> int:
 def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch.Tensor,
            store: tuple[torch.Tensor | None, ...], window_keys: torch.Tensor, window_values: torch.Tensor,
            start: torch.Tensor | None, end: torch.Tensor | None, qk_scale: float, num_quantized: int,
-           num_window: int, splits: int, group: int) -> bool:
+           num_window: int, splits: int, group: int) -> None:
     """Run ``decode.cu`` on torch's current stream: grid (batch x KV heads, splits), one warp each,
     the warps of a (batch row, KV head) taking its tiles from a counter (:data:`SHARE_TILES`).
-    ``qk_scale`` is the softmax scale times log2(e). Returns whether ``out`` holds the output: one
-    split, or several combined by the kernel (:data:`FUSED_COMBINE`); otherwise ``mid_o`` and ``mid_l``
-    hold the partials for the combine kernel."""
+    ``qk_scale`` is the softmax scale times log2(e)."""
     import cupy
 
     from kvpack.cuda import _stream
@@ -153,13 +143,8 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     kc, ks, kz, vc, vs, vz = store
     # The kernel reads one int32 per batch row (the Triton kernel takes any integer type).
     start, end = (None if x is None else x.to(torch.int32).contiguous() for x in (start, end))
-    # Per (batch row, KV head) a counter of handed-out tiles and one of finished programs, zeroed for
-    # each call (one memset; graph-capturable).
-    pairs = bsz * hkv
-    fused = FUSED_COMBINE and 1 < splits <= MAX_SPLITS
-    counters = torch.zeros(2 * pairs, dtype=torch.int32, device=q.device) if splits > 1 else None
-    units = counters[:pairs] if SHARE_TILES and counters is not None else None
-    done = counters[pairs:] if fused else None
+    # One counter per (batch row, KV head), zeroed for each call (a memset; graph-capturable).
+    units = torch.zeros(bsz * hkv, dtype=torch.int32, device=q.device) if SHARE_TILES and splits > 1 else None
     if kc is None:  # an empty store is never read: any pointer of the right strides' kind will do
         kc = vc = torch.empty(1, 1, 1, d // 2, dtype=torch.uint8, device=q.device)
         ks = kz = torch.empty(1, 1, 1, d, dtype=torch.float16, device=q.device)
@@ -173,8 +158,7 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
 
     args = (
         ptr(q), ptr(out), ptr(mid_o), ptr(mid_l), ptr(kc), ptr(ks), ptr(kz), ptr(vc), ptr(vs), ptr(vz),
-        ptr(window_keys), ptr(window_values), ptr(start), ptr(end), ptr(units), ptr(done),
-        np.int32(TAIL_TILES if units is not None else 0),
+        ptr(window_keys), ptr(window_values), ptr(start), ptr(end), ptr(units),
         np.float32(qk_scale), np.int32(num_quantized), np.int32(num_window), np.int32(splits),
         np.int32(hkv), np.int32(hq // hkv), np.int32(lq), np.int32(group),
         *strides(q, 3), *strides(out, 3), *strides(kc, 2), *strides(ks, 2), *strides(vc, 2), *strides(vs, 2),
@@ -184,4 +168,3 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     kernel = _kernel(_NAMES[(d, q.dtype)], device)
     with cupy.cuda.Device(device), _stream(cupy, q.device):
         kernel((bsz * hkv, splits, 1), (32, 1, 1), args)
-    return splits == 1 or fused

@@ -1007,16 +1007,15 @@ def decode_attention(
         mid_l = torch.empty(bsz, hq, lq, splits, dtype=torch.float32, device=q.device)
     else:
         mid_o = mid_l = out
-    combined = False
     if cuda:
         _check_layout(q, *store, window_keys, window_values)
-        combined = cuda_decode.launch(q, out, mid_o, mid_l, store, window_keys, window_values, start, end,
-                                      scale * math.log2(math.e), num_quantized, num_window, splits, group)
+        cuda_decode.launch(q, out, mid_o, mid_l, store, window_keys, window_values, start, end,
+                           scale * math.log2(math.e), num_quantized, num_window, splits, group)
     else:
         _launch_triton(q, out, mid_o, mid_l, store, window_keys, window_values, num_quantized, num_window,
                        key_scheme, value_scheme, group, scale, start, end, config, timeline, splits, chunk,
                        row_blocks, block_m, block_d)
-    if splits > 1 and not combined:
+    if splits > 1:
         _combine_kernel[(bsz * hq * lq,)](
             mid_o, mid_l, out, splits, hq, lq, *out.stride()[:3],
             D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
