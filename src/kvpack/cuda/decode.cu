@@ -82,6 +82,15 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #else
 #define TIMELINE_MARK(i)
 #endif
+// 1: each tile's codes copied a run of consecutive rows per instruction (0: the rows its lanes own).
+#ifndef KVPACK_DECODE_CONTIG
+#define KVPACK_DECODE_CONTIG 0
+#endif
+// Diagnostic builds only (wrong results): skip copying the value scales and zeros (1), the key scale
+// and zero rows (2), to time what their small reads cost.
+#ifndef KVPACK_DECODE_SKIP
+#define KVPACK_DECODE_SKIP 0
+#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -299,13 +308,30 @@ __device__ __forceinline__ void decode_int4(
 
     auto issue_tile = [&](int t0, int st) {
         unsigned char* s = stages[st];
+#if KVPACK_DECODE_CONTIG
+        // Each copy instruction reads consecutive rows (8 key rows, 4 value rows) into the slots of the
+        // lanes that read them back.
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const int row = 8 * u + (lane >> 2), c = lane & 3;  // owner: lane (u, c), slot lane >> 2
+            cp_async<KB>(s + (lane >> 2) * 32 * KB + (4 * u + c) * KB, kc + (t0 + row) * NB + KB * c);
+        }
+#pragma unroll
+        for (int u = 0; u < 16; ++u) {  // row 4u + r: owner lane (c, u / 4), slot 4 (u % 4) + r
+            const int r = lane >> 3, c = lane & 7;
+            cp_async<VB>(s + KSTAGE + (4 * (u % 4) + r) * 32 * VB + (4 * c + u / 4) * VB,
+                         vc + (t0 + 4 * u + r) * NB + VB * c);
+        }
+#else
 #pragma unroll
         for (int u = 0; u < 8; ++u) cp_async<KB>(s + u * 32 * KB + lane * KB, kc + (t0 + 8 * g + u) * NB + KB * t);
 #pragma unroll
         for (int u = 0; u < 16; ++u)
             cp_async<VB>(s + KSTAGE + u * 32 * VB + lane * VB, vc + (t0 + 16 * t + u) * NB + VB * g);
-        if (lane < 16) cp_async<16>(s + SSTAGE + 16 * lane, (lane < 8 ? vs : vz) + t0 + 8 * (lane & 7));
-        if (t0 / group != issued_group) {  // a new key group for this warp: its scale and zero rows
+#endif
+        if (lane < 16 && !(KVPACK_DECODE_SKIP & 1))
+            cp_async<16>(s + SSTAGE + 16 * lane, (lane < 8 ? vs : vz) + t0 + 8 * (lane & 7));
+        if (t0 / group != issued_group && !(KVPACK_DECODE_SKIP & 2)) {  // a new key group: its scale and zero rows
             issued_group = t0 / group;
             if (lane < D / 4) {  // D / 8 chunks of 16 bytes per row
                 const i64 row = (i64)issued_group * D;
