@@ -84,7 +84,7 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #endif
 // 1: each tile's codes copied a run of consecutive rows per instruction (0: the rows its lanes own).
 #ifndef KVPACK_DECODE_CONTIG
-#define KVPACK_DECODE_CONTIG 0
+#define KVPACK_DECODE_CONTIG 1
 #endif
 // Diagnostic builds only (wrong results): skip copying the value scales and zeros (1), the key scale
 // and zero rows (2), to time what their small reads cost.
@@ -316,12 +316,24 @@ __device__ __forceinline__ void decode_int4(
             const int row = 8 * u + (lane >> 2), c = lane & 3;  // owner: lane (u, c), slot lane >> 2
             cp_async<KB>(s + (lane >> 2) * 32 * KB + (4 * u + c) * KB, kc + (t0 + row) * NB + KB * c);
         }
+#if KVPACK_DECODE_CONTIG == 2
+        // Values 16 bytes a lane (L2 only): a value slot row is t-major (lane (g, t) at 8t + g), so that
+        // one 16-byte run of a token row is the slots of 16 / VB neighbouring owners.
+        constexpr int VL = NB / 16, VR = 32 / VL;  // lanes per row, rows per instruction
+#pragma unroll
+        for (int u = 0; u < TILE / VR; ++u) {
+            const int row = VR * u + lane / VL, c = lane % VL;  // owners (c 16 / VB + i, row / 16)
+            cp_async<16>(s + KSTAGE + (row % 16) * 32 * VB + (8 * (row / 16)) * VB + 16 * c,
+                         vc + (t0 + row) * NB + 16 * c);
+        }
+#else
 #pragma unroll
         for (int u = 0; u < 16; ++u) {  // row 4u + r: owner lane (c, u / 4), slot 4 (u % 4) + r
             const int r = lane >> 3, c = lane & 7;
             cp_async<VB>(s + KSTAGE + (4 * (u % 4) + r) * 32 * VB + (4 * c + u / 4) * VB,
                          vc + (t0 + 4 * u + r) * NB + VB * c);
         }
+#endif
 #else
 #pragma unroll
         for (int u = 0; u < 8; ++u) cp_async<KB>(s + u * 32 * KB + lane * KB, kc + (t0 + 8 * g + u) * NB + KB * t);
@@ -584,8 +596,9 @@ __device__ __forceinline__ void decode_int4(
         stage ^= 1;
 #pragma unroll
         for (int u = 0; u < 8; ++u) kw[u] = *reinterpret_cast<const KRow*>(s + u * 32 * KB + lane * KB);
+        const int vslot = KVPACK_DECODE_CONTIG == 2 ? 8 * t + g : lane;  // t-major slots (CONTIG 2)
 #pragma unroll
-        for (int u = 0; u < 16; ++u) vw[u] = *reinterpret_cast<const VRow*>(s + KSTAGE + u * 32 * VB + lane * VB);
+        for (int u = 0; u < 16; ++u) vw[u] = *reinterpret_cast<const VRow*>(s + KSTAGE + u * 32 * VB + vslot * VB);
         const uint4 vsw = *reinterpret_cast<const uint4*>(s + SSTAGE + 16 * g);
         const uint4 vzw = *reinterpret_cast<const uint4*>(s + SSTAGE + 128 + 16 * g);
         const u16* sr = reinterpret_cast<const u16*>(s + GSTAGE) + CPT * t;
