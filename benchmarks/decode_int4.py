@@ -108,6 +108,57 @@ def profile(call, ctx: int) -> None:  # noqa: ANN001
             print(f"{ctx:>7} profile {e.key[:40]:<40} {e.device_time_total / e.count:.1f} us x {e.count}")
 
 
+def graph_trace(fn, inputs, label: str, out: Path) -> dict:  # noqa: ANN001
+    """The GPU operations of one replay of ``fn`` over ``inputs`` captured as a CUDA graph (as the timing
+    replays it), from the profiler's trace: per kind of operation its median duration, and the median
+    idle gap before it (from the end of the operation before), in us."""
+    import statistics
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for args in inputs:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in inputs:
+            fn(*args)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    path = out / f"trace-{label}.json"
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    ops = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")),
+                 key=lambda e: e["ts"])
+    if not ops:
+        print(f"{label}: no GPU operations in the trace", flush=True)
+        return {"label": label}
+    kinds: dict[str, dict[str, list]] = {}
+    for before, e in zip([None, *ops[:-1]], ops, strict=True):
+        name = e["name"][:40]
+        k = kinds.setdefault(name, {"dur": [], "gap": []})
+        k["dur"].append(e["dur"])
+        if before is not None:
+            k["gap"].append(e["ts"] - before["ts"] - before["dur"])
+    span = ops[-1]["ts"] + ops[-1]["dur"] - ops[0]["ts"]
+    summary = {name: {"n": len(k["dur"]), "dur_us": statistics.median(k["dur"]),
+                      "gap_before_us": statistics.median(k["gap"]) if k["gap"] else None}
+               for name, k in kinds.items()}
+    print(f"{label}: one replay of {len(inputs)} calls, {span / len(inputs):.1f} us per call", flush=True)
+    for name, v in summary.items():
+        print(f"  {name:<40} x{v['n']:<3} {v['dur_us']:7.1f} us, gap before {v['gap_before_us']} us")
+    del graph
+    return {"label": label, "us_per_call": span / len(inputs), "ops": summary}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--contexts", type=_ints, default=[4096, 16384, 32768, 131072])
@@ -131,6 +182,10 @@ def main() -> None:
     p.add_argument(
         "--timeline", action="store_true", help="each program's timestamps in one call of the default path"
     )
+    p.add_argument(
+        "--trace", action="store_true",
+        help="the kernels of one CUDA-graph replay under the profiler: durations, gaps (SDPA, default path)",
+    )
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     args = p.parse_args()
@@ -147,7 +202,7 @@ def main() -> None:
         samples, _ = harness.time_graph(fn, inputs, args.repeats)  # per call
         return harness.median(samples) * 1e3
 
-    rows, timelines = [], []
+    rows, timelines, traces = [], [], []
     g = torch.Generator(device=dev).manual_seed(1)
     q = torch.randn(B, HQ, 1, D, generator=g, device=dev, dtype=torch.float16)
     for ctx in args.contexts:
@@ -161,6 +216,11 @@ def main() -> None:
             for _ in range(copies)
         ]
         sdpa = ms(lambda k, v: bench.sdpa_decode(q, k, v, True), kv)
+        if args.profile:
+            profile(functools.partial(bench.sdpa_decode, q, *kv[0], True), ctx)
+        if args.trace:
+            traces.append(graph_trace(lambda k, v: bench.sdpa_decode(q, k, v, True), kv, f"sdpa-{ctx}",
+                                      Path(args.out)))
         del kv
         torch.cuda.empty_cache()
         first = bench.filled_layer(args.preset, B, H, ctx, D, dev)
@@ -223,12 +283,16 @@ def main() -> None:
         if args.profile:
             _build({})
             profile(functools.partial(decode, q, first), ctx)
+        if args.trace:
+            traces.append(graph_trace(lambda layer: decode(q, layer), [(layer,) for layer in layers],
+                                      f"{args.preset}-{ctx}", Path(args.out)))
         if args.timeline:
             timelines.append(timeline(functools.partial(decode, q, first), ctx))
         del layers, first
         torch.cuda.empty_cache()
     out = Path(args.out) / "decode_int4.json"
-    out.write_text(json.dumps(dict(harness.environment(dev), copy_gbps=copy, rows=rows, timelines=timelines)))
+    out.write_text(json.dumps(dict(harness.environment(dev), copy_gbps=copy, rows=rows, timelines=timelines,
+                                   traces=traces)))
     print(f"wrote {out}")
 
 
