@@ -174,8 +174,8 @@ def main() -> None:
         help="also time the CUDA kernel with fixed chunks (no shared counter): cuda-static",
     )
     p.add_argument("--set", action="append", default=[],
-                   help="also time the default build with these kvpack.cuda.decode settings, "
-                        "NAME=INT[,NAME=INT] (repeatable; e.g. SHARE_TILES=0)")
+                   help="also time a variant with these kvpack.cuda.decode settings and decode.cu macros, "
+                        "NAME=INT[,NAME=INT] (repeatable; e.g. TAIL_ITEMS=1,KVPACK_DECODE_TAIL_TOKENS=16)")
     p.add_argument("--define", action="append", default=[],
                    help="also time a build of decode.cu with this macro, NAME=VALUE (repeatable)")
     p.add_argument("--preset", default="int4", help="cache preset (int4; others run the Triton kernel only)")
@@ -238,10 +238,12 @@ def main() -> None:
         variants += [(f"cuda-minblocks{m}", base, {"KVPACK_DECODE_MIN_BLOCKS": m}, {})
                      for m in args.min_blocks]
         variants += [(f"cuda-splits{n}", replace(base, num_splits=n), {}, {}) for n in args.splits]
-        for text in args.set:
+        for text in args.set:  # loader settings, and decode.cu macros (KVPACK_...)
             changes = {k: int(v) for k, v in (kv.split("=") for kv in text.split(","))}
-            label = "cuda-" + "-".join(f"{k.lower()}{v}" for k, v in changes.items())
-            variants += [(label, base, {}, changes)]
+            label = "cuda-" + "-".join(f"{k.removeprefix('KVPACK_DECODE_').lower()}{v}"
+                                       for k, v in changes.items())
+            macros = {k: v for k, v in changes.items() if k.startswith("KVPACK_")}
+            variants += [(label, base, macros, {k: v for k, v in changes.items() if k not in macros})]
         for d in args.define:
             name, value = d.split("=")
             label = f"cuda-{name.removeprefix('KVPACK_DECODE_').lower()}{value}"
@@ -250,7 +252,7 @@ def main() -> None:
             variants += [("cuda-static", base, {}, {"SHARE_TILES": False})]
         if args.preset != "int4":
             variants = variants[:1]
-        settings = {k: getattr(cuda_decode, k) for k in ("SHARE_TILES",)}
+        settings = {k: getattr(cuda_decode, k) for k in ("SHARE_TILES", "TAIL_ITEMS")}
         for name, config, defines, changes in variants:
             if defines is not None:
                 _build(defines)

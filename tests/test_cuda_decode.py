@@ -185,6 +185,27 @@ def test_long_key_groups_and_both_schedules(key_format: str, share: bool,
 
 @requires_cuda_kernel
 @pytest.mark.gpu
+@pytest.mark.parametrize("tail", [1, 3, 1000])
+@pytest.mark.parametrize("key_format", ["int4-channel-g64", "int4-channel-g128", "int4-channel-g320"])
+def test_store_end_in_sub_tile_items(key_format: str, tail: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The end of each pair's store in 32-token items (a few per program, or the whole store), which
+    # copy and read half a tile; rows that start inside such an item, end inside it or see nothing of
+    # the store (start past it).
+    monkeypatch.setattr(cuda_decode, "TAIL_ITEMS", tail)
+    layer = make_layer(batch=4, kv_heads=2, tokens=4000 + 33, key_format=key_format)
+    for splits in (None, 7):
+        check(queries(layer, 8, 1), layer, splits=splits)
+    n = layer.seq_length
+    start = torch.tensor([0, 1000 + 17, 48, n - 70], device="cuda")
+    lengths = torch.tensor([n, n - 300 - 5, 1000 + 40, n - 5], device="cuda")
+    for q_len in (1, 2):
+        q = queries(layer, 8, q_len)
+        out = run(q, layer, "cuda", start=start, lengths=lengths, splits=24)
+        assert_rows_match(out, q, *layer.dequantized(), start, lengths, TOLERANCE)
+
+
+@requires_cuda_kernel
+@pytest.mark.gpu
 def test_groups_of_128_tokens_and_softmax_scale() -> None:
     layer = make_layer(tokens=3000, key_format="int4-channel-g128")
     check(queries(layer, 8, 1), layer, scale=0.3)
