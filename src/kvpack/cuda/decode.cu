@@ -87,11 +87,6 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #ifndef KVPACK_DECODE_SKIP
 #define KVPACK_DECODE_SKIP 0
 #endif
-// Tokens of an item at the end of a pair's store (16, 32 or 64).
-#ifndef KVPACK_DECODE_TAIL_TOKENS
-#define KVPACK_DECODE_TAIL_TOKENS 32
-#endif
-#define TAIL_TOKENS KVPACK_DECODE_TAIL_TOKENS
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -241,10 +236,10 @@ __device__ __forceinline__ void decode_int4(
     const unsigned char* __restrict__ KC, const u16* __restrict__ KS, const u16* __restrict__ KZ,
     const unsigned char* __restrict__ VC, const u16* __restrict__ VS, const u16* __restrict__ VZ,
     const u16* __restrict__ WK, const u16* __restrict__ WV, const int* __restrict__ Start,
-    const int* __restrict__ End, int* __restrict__ Units, int tail, float qk_scale,
-    int n_quant, int n_window, int num_splits, int num_kv_heads, int rep, int lq, int group, i64 sqb,
-    i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som, i64 skcb, i64 skch, i64 sksb, i64 sksh, i64 svcb,
-    i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh, i64 swkt, i64 swvb, i64 swvh, i64 swvt) {
+    const int* __restrict__ End, int* __restrict__ Units, float qk_scale, int n_quant, int n_window, int num_splits,
+    int num_kv_heads, int rep, int lq, int group, i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som,
+    i64 skcb, i64 skch, i64 sksb, i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh,
+    i64 swkt, i64 swvb, i64 swvh, i64 swvt) {
     constexpr int NB = D / 2;        // bytes per token row
     constexpr int KB = D / 8;        // key bytes per lane per token
     constexpr int KW = KB / 4;       // key words per lane per token
@@ -287,25 +282,13 @@ __device__ __forceinline__ void decode_int4(
     const int w_first = max(n_quant, begin / TILE * TILE);
     const int n_wtiles = w_first < end ? (end - w_first + TILE - 1) / TILE : 0;
     const int u_first = begin / unit_tokens;
-    const bool any = q_end > begin && q_end > u_first * unit_tokens;  // (no empty unit past the store)
+    // (A row starting past the store has no units: with groups over 256 tokens a unit can cross the
+    // store's end, and an empty one would read the tile past it.)
+    const bool any = q_end > begin && q_end > u_first * unit_tokens;
     const int n_units = any ? (q_end - 1) / unit_tokens + 1 - u_first : 0;
-    // The store's end goes out in items of TAIL_TOKENS, about `tail` per program, so that the pair's
-    // programs end closer together (a tile takes a warp ~5 us when 12 share an SM).
-    constexpr int tail_tokens = TAIL_TOKENS;
-    const int n_full = max(0, n_units - (tail * num_splits * tail_tokens + unit_tokens - 1) / unit_tokens);
-    const int tail_first = max((u_first + n_full) * unit_tokens, begin / tail_tokens * tail_tokens);
-    const int n_tail = q_end > tail_first ? (q_end - tail_first + tail_tokens - 1) / tail_tokens : 0;
-    const int n_items = n_wtiles + n_full + n_tail;
-    auto unit_start = [&](int item) {  // a store item's first token (tiles start at multiples of TILE)
-        const int j = item - n_wtiles;
-        return j < n_full ? max((u_first + j) * unit_tokens, begin / TILE * TILE)
-                          : tail_first + (j - n_full) * tail_tokens;
-    };
-    auto unit_stop = [&](int item) {
-        const int j = item - n_wtiles;
-        return min(j < n_full ? (u_first + j + 1) * unit_tokens : tail_first + (j - n_full + 1) * tail_tokens,
-                   q_end);
-    };
+    const int n_items = n_wtiles + n_units;
+    auto unit_start = [&](int item) { return max((u_first + item - n_wtiles) * unit_tokens, begin / TILE * TILE); };
+    auto unit_stop = [&](int item) { return min((u_first + item - n_wtiles + 1) * unit_tokens, q_end); };
     int ticket = 0;  // lane 0: the counter's answer for this program's next item, asked one step ahead
     auto request = [&]() {
         if (Units != nullptr && lane == 0) ticket = atomicAdd(Units + bh, 1);
@@ -322,26 +305,22 @@ __device__ __forceinline__ void decode_int4(
     const u16* vz = VZ + b * svsb + h * svsh;
     int issued_group = -1;  // the key group whose rows this warp copied last
 
-    // Copies of the tile at t0 (a multiple of TILE) into stage st, rows [lo, hi) of it (lo a multiple
-    // of 16, hi rounded up to 8; the other rows' slots keep stale codes, masked later). Each copy
-    // instruction reads consecutive rows (8 key rows, 4 value rows) into the slots of the lanes that
-    // read them back.
-    auto issue_tile = [&](int t0, int lo, int hi, int st) {
+    auto issue_tile = [&](int t0, int st) {
         unsigned char* s = stages[st];
+        // Each copy instruction reads consecutive rows (8 key rows, 4 value rows) into the slots of the
+        // lanes that read them back.
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
             const int row = 8 * u + (lane >> 2), c = lane & 3;  // owner: lane (u, c), slot lane >> 2
-            if (8 * u >= lo && 8 * u < hi)
-                cp_async<KB>(s + (lane >> 2) * 32 * KB + (4 * u + c) * KB, kc + (t0 + row) * NB + KB * c);
+            cp_async<KB>(s + (lane >> 2) * 32 * KB + (4 * u + c) * KB, kc + (t0 + row) * NB + KB * c);
         }
 #pragma unroll
         for (int u = 0; u < 16; ++u) {  // row 4u + r: owner lane (c, u / 4), slot 4 (u % 4) + r
             const int r = lane >> 3, c = lane & 7;
-            if (4 * u >= lo && 4 * u < hi)
-                cp_async<VB>(s + KSTAGE + (4 * (u % 4) + r) * 32 * VB + (4 * c + u / 4) * VB,
-                             vc + (t0 + 4 * u + r) * NB + VB * c);
+            cp_async<VB>(s + KSTAGE + (4 * (u % 4) + r) * 32 * VB + (4 * c + u / 4) * VB,
+                         vc + (t0 + 4 * u + r) * NB + VB * c);
         }
-        if (lane < 16 && !(KVPACK_DECODE_SKIP & 1))  // the whole tile's value scales and zeros
+        if (lane < 16 && !(KVPACK_DECODE_SKIP & 1))
             cp_async<16>(s + SSTAGE + 16 * lane, (lane < 8 ? vs : vz) + t0 + 8 * (lane & 7));
         if (t0 / group != issued_group && !(KVPACK_DECODE_SKIP & 2)) {  // a new key group: its scale and zero rows
             issued_group = t0 / group;
@@ -351,13 +330,9 @@ __device__ __forceinline__ void decode_int4(
             }
         }
     };
-    auto issue_first = [&](int item) {  // the first tile of store item `item` into stage 0
-        const int first = unit_start(item), t0 = first / TILE * TILE;
-        issue_tile(t0, first - t0, min(unit_stop(item) - t0, TILE), 0);
-    };
     int item = split;
     request();
-    if (item >= n_wtiles && item < n_items) issue_first(item);  // copied during the prologue
+    if (item >= n_wtiles && item < n_items) issue_tile(unit_start(item), 0);  // copied during the prologue
     cp_async_commit();
     int stage = 0;
 
@@ -421,14 +396,14 @@ __device__ __forceinline__ void decode_int4(
     float R = 0.0f;                      // the accumulator's unit: acc = sum p v / R
 
     // Score fragment sc[j] holds tokens 8g+2j (entries 0, 1) and 8g+2j+1 (2, 3) of the tile at t0,
-    // for rows r0 (entries 0, 2) and r1 (1, 3); tokens outside [tok_lo, tok_hi) are masked.
-    auto mask = [&](float (&sc)[4][4], int t0, int tok_lo, int tok_hi) {
+    // for rows r0 (entries 0, 2) and r1 (1, 3); tokens outside [begin, end) are masked.
+    auto mask = [&](float (&sc)[4][4], int t0) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int tok = t0 + 8 * g + 2 * j + e;
-                const bool ok = tok >= tok_lo && tok < tok_hi;
+                const bool ok = tok >= begin && tok < end;
                 if (!(ok && tok <= qpos0)) sc[j][2 * e] = NEG_INF;
                 if (!(ok && tok <= qpos1)) sc[j][2 * e + 1] = NEG_INF;
             }
@@ -519,7 +494,7 @@ __device__ __forceinline__ void decode_int4(
 #pragma unroll
                 for (int e = 0; e < 4; ++e) sc[j][e] *= qk_scale;
             }
-            mask(sc, t0, begin, end);
+            mask(sc, t0);
             float alpha0, alpha1;
             advance_max(sc, alpha0, alpha1);
 #pragma unroll
@@ -574,29 +549,25 @@ __device__ __forceinline__ void decode_int4(
             }
             item = resolve(item);
             request();
-            if (item >= n_wtiles && item < n_items) issue_first(item);
+            if (item >= n_wtiles && item < n_items) issue_tile(unit_start(item), 0);
             cp_async_commit();
         } while (item < n_wtiles);
     }
 
     // Store tiles: each tile's bytes copied one tile ahead, from the unit's next tile or the next unit.
-    // The tile at t0 holds the item's tokens [t0 + lo, min(stop, t0 + TILE)).
-    int start = item < n_items ? unit_start(item) : 0, stop = item < n_items ? unit_stop(item) : 0;
-    int t0 = start / TILE * TILE, lo = start - t0;
+    int t0 = item < n_items ? unit_start(item) : 0, stop = item < n_items ? unit_stop(item) : 0;
     while (item < n_items) {
-        int next = t0 + TILE, next_lo = 0, next_stop = stop;
+        int next = t0 + TILE, next_stop = stop;
         if (next >= stop) {
             item = resolve(item);
             request();
-            const int first = item < n_items ? unit_start(item) : -1;
-            next = first >= 0 ? first / TILE * TILE : -1;
-            next_lo = first - next;
+            next = item < n_items ? unit_start(item) : -1;
             next_stop = item < n_items ? unit_stop(item) : 0;
         }
         KRow kw[8];
         VRow vw[16];
         __syncwarp();  // every lane done with the stage the next tile's copies overwrite
-        if (next >= 0) issue_tile(next, next_lo, min(next_stop - next, TILE), stage ^ 1);
+        if (next >= 0) issue_tile(next, stage ^ 1);
         cp_async_commit();
         cp_async_wait<1>();  // this lane's copies of this tile have landed
         __syncwarp();        // and every other lane's
@@ -661,9 +632,8 @@ __device__ __forceinline__ void decode_int4(
             sc[j][2] = fmaf(sc[j][2], a0, c0);
             sc[j][3] = fmaf(sc[j][3], a1, c1);
         }
-        const int hi = min(stop - t0, TILE);
-        const bool full = lo == 0 && hi == TILE && t0 >= begin && t0 + TILE - 1 <= end - lq;
-        if (!full) mask(sc, t0, max(begin, t0 + lo), min(end, t0 + hi));
+        const bool full = t0 >= begin && t0 + TILE - 1 <= end - lq;
+        if (!full) mask(sc, t0);
 
         // Online softmax, rows r0 and r1.
         float alpha0, alpha1;
@@ -754,7 +724,6 @@ __device__ __forceinline__ void decode_int4(
             }
         }
         t0 = next;
-        lo = next_lo;
         stop = next_stop;
     }
     TIMELINE_MARK(2);
@@ -805,13 +774,13 @@ __device__ __forceinline__ void decode_int4(
         const u16* __restrict__ KZ, const unsigned char* __restrict__ VC, const u16* __restrict__ VS, \
         const u16* __restrict__ VZ, const u16* __restrict__ WK, const u16* __restrict__ WV,          \
         const int* __restrict__ Start, const int* __restrict__ End, int* __restrict__ Units,         \
-        int tail, float qk_scale, int n_quant, int n_window, int num_splits,                          \
-        int num_kv_heads, int rep, int lq, int group,                                                 \
+        float qk_scale, int n_quant, int n_window, int num_splits, int num_kv_heads, int rep, int lq, \
+        int group,                                                                                    \
         i64 sqb, i64 sqh, i64 sqm, i64 sob, i64 soh, i64 som, i64 skcb, i64 skch, i64 sksb,          \
         i64 sksh, i64 svcb, i64 svch, i64 svsb, i64 svsh, i64 swkb, i64 swkh, i64 swkt, i64 swvb,    \
         i64 swvh, i64 swvt) {                                                                         \
         decode_int4<D, BF16>(Q, Out, MidO, MidL, KC, KS, KZ, VC, VS, VZ, WK, WV, Start, End, Units,  \
-                             tail, qk_scale, n_quant, n_window, num_splits, num_kv_heads, rep, lq,    \
+                             qk_scale, n_quant, n_window, num_splits, num_kv_heads, rep, lq,          \
                              group, sqb, sqh, sqm, sob, soh, som, skcb, skch, sksb, sksh, svcb, svch, \
                              svsb, svsh, swkb, swkh, swkt, swvb, swvh, swvt);                         \
     }

@@ -40,10 +40,6 @@ _NAMES = {(d, dt): f"decode_int4_d{d}_{'bf16' if dt == torch.bfloat16 else 'f16'
 #: faster SMs take more (an H100's SMs streamed at rates up to 20% apart, and the slowest set the
 #: kernel's end); False: each takes every ``splits``-th unit (benchmarks compare the two).
 SHARE_TILES = True
-#: The end of each (batch row, KV head)'s store goes out in items of 32 tokens (``TAIL_TOKENS`` in
-#: decode.cu), about ``TAIL_ITEMS`` per program (key-group units before), so that its programs end
-#: closer together.
-TAIL_ITEMS = 0
 _REGISTERS_PER_SM = 65536
 _MAX_BLOCKS_PER_SM = 32
 _SHARED_RESERVED_PER_BLOCK = 1024
@@ -163,7 +159,6 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     args = (
         ptr(q), ptr(out), ptr(mid_o), ptr(mid_l), ptr(kc), ptr(ks), ptr(kz), ptr(vc), ptr(vs), ptr(vz),
         ptr(window_keys), ptr(window_values), ptr(start), ptr(end), ptr(units),
-        np.int32(TAIL_ITEMS if units is not None else 0),
         np.float32(qk_scale), np.int32(num_quantized), np.int32(num_window), np.int32(splits),
         np.int32(hkv), np.int32(hq // hkv), np.int32(lq), np.int32(group),
         *strides(q, 3), *strides(out, 3), *strides(kc, 2), *strides(ks, 2), *strides(vc, 2), *strides(vs, 2),
