@@ -130,14 +130,28 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
     return d;
 }
 
+// The L2 fetch size the copies ask for on a miss (0: the default; 64, 128 or 256 bytes).
+#ifndef KVPACK_DECODE_L2_FETCH
+#define KVPACK_DECODE_L2_FETCH 0
+#endif
+#if KVPACK_DECODE_L2_FETCH == 64
+#define L2_FETCH ".L2::64B"
+#elif KVPACK_DECODE_L2_FETCH == 128
+#define L2_FETCH ".L2::128B"
+#elif KVPACK_DECODE_L2_FETCH == 256
+#define L2_FETCH ".L2::256B"
+#else
+#define L2_FETCH ""
+#endif
+
 // N bytes global -> shared without a register (sm_80): 16 through L2 only, 8 and 4 through L1.
 template <int N>
 __device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
     const u32 a = (u32)__cvta_generic_to_shared(smem);
     if (N == 16) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(a), "l"(gmem));
+        asm volatile("cp.async.cg.shared.global" L2_FETCH " [%0], [%1], 16;" ::"r"(a), "l"(gmem));
     } else {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(a), "l"(gmem), "n"(N));
+        asm volatile("cp.async.ca.shared.global" L2_FETCH " [%0], [%1], %2;" ::"r"(a), "l"(gmem), "n"(N));
     }
 }
 
