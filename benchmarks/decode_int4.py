@@ -175,7 +175,7 @@ def main() -> None:
     )
     p.add_argument("--set", action="append", default=[],
                    help="also time a variant with these kvpack.cuda.decode settings and decode.cu macros, "
-                        "NAME=INT[,NAME=INT] (repeatable; e.g. TAIL_ITEMS=1,KVPACK_DECODE_TAIL_TOKENS=16)")
+                        "NAME=INT[,NAME=INT] (repeatable; e.g. SHARE_TILES=0,KVPACK_DECODE_MIN_BLOCKS=8)")
     p.add_argument("--define", action="append", default=[],
                    help="also time a build of decode.cu with this macro, NAME=VALUE (repeatable)")
     p.add_argument("--preset", default="int4", help="cache preset (int4; others run the Triton kernel only)")
@@ -252,7 +252,7 @@ def main() -> None:
             variants += [("cuda-static", base, {}, {"SHARE_TILES": False})]
         if args.preset != "int4":
             variants = variants[:1]
-        settings = {k: getattr(cuda_decode, k) for k in ("SHARE_TILES", "TAIL_ITEMS")}
+        settings = {k: getattr(cuda_decode, k) for k in ("SHARE_TILES",)}
         for name, config, defines, changes in variants:
             if defines is not None:
                 _build(defines)
