@@ -132,7 +132,7 @@ __device__ __forceinline__ u32 hmul2(u32 a, u32 b) {
 
 // The L2 fetch size the copies ask for on a miss (0: the default; 64, 128 or 256 bytes).
 #ifndef KVPACK_DECODE_L2_FETCH
-#define KVPACK_DECODE_L2_FETCH 0
+#define KVPACK_DECODE_L2_FETCH 128
 #endif
 #if KVPACK_DECODE_L2_FETCH == 64
 #define L2_FETCH ".L2::64B"
