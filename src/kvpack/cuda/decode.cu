@@ -267,9 +267,10 @@ __device__ __forceinline__ void decode_int4(
     typedef typename QueryType<BF16>::type QT;
 
     // Two stages of one tile's bytes. Codes lane-major (lane l's 16-, 8- or 4-byte slots side by
-    // side: conflict-free), each lane copying and reading back only its own; then the tile's value
-    // scales and zeros (64 + 64 float16) and, when the tile starts a key group, the group's key scale
-    // and zero rows (D + D float16), copied by some lanes and read by all.
+    // side: conflict-free reads), each lane reading back only its own, copied there a run of
+    // consecutive rows per instruction; then the tile's value scales and zeros (64 + 64 float16) and,
+    // when the tile starts a key group, the group's key scale and zero rows (D + D float16), copied by
+    // some lanes and read by all.
     constexpr int KSTAGE = 8 * 32 * KB, VSTAGE = 16 * 32 * VB, SSTAGE = KSTAGE + VSTAGE;
     constexpr int GSTAGE = SSTAGE + 4 * TILE, STAGE = GSTAGE + 4 * D;
     __shared__ __align__(16) unsigned char stages[2][STAGE];
