@@ -87,10 +87,6 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #ifndef KVPACK_DECODE_SKIP
 #define KVPACK_DECODE_SKIP 0
 #endif
-// 1: the query's loads are issued before the first tile's copies (0: after them).
-#ifndef KVPACK_DECODE_QUERY_FIRST
-#define KVPACK_DECODE_QUERY_FIRST 0
-#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -349,26 +345,6 @@ __device__ __forceinline__ void decode_int4(
             }
         }
     };
-#if KVPACK_DECODE_QUERY_FIRST
-    // The query's loads first (volatile, as the copies are, so that they stay first): they do not
-    // queue behind every program's first tile.
-    u32 qraw[CPT / 2];
-#pragma unroll
-    for (int i = 0; i < CPT / 2; ++i) qraw[i] = 0u;
-    if (g < rows) {
-        const u16* qrow = Q + b * sqb + (h * rep + g / lq) * sqh + (i64)(g % lq) * sqm + CPT * t;
-        if ((reinterpret_cast<unsigned long long>(qrow) & 15) == 0) {
-#pragma unroll
-            for (int i = 0; i < CPT / 8; ++i)
-                asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
-                             : "=r"(qraw[4 * i]), "=r"(qraw[4 * i + 1]), "=r"(qraw[4 * i + 2]), "=r"(qraw[4 * i + 3])
-                             : "l"(qrow + 8 * i));
-        } else {
-#pragma unroll
-            for (int i = 0; i < CPT / 2; ++i) qraw[i] = (u32)qrow[2 * i] | (u32)qrow[2 * i + 1] << 16;
-        }
-    }
-#endif
     int item = split;
     request();
     if (item >= n_wtiles && item < n_items) issue_tile(unit_start(item), 0);  // copied during the prologue
@@ -378,14 +354,6 @@ __device__ __forceinline__ void decode_int4(
     // The query, as B fragments: lane (g, t) holds row g's channels CPT t .. CPT t + CPT - 1 (the key
     // slots' channels, see the header), read straight from global memory (16 bytes at a time where
     // aligned) and normalized by the row's max |q| (over the four lanes of the row).
-#if KVPACK_DECODE_QUERY_FIRST
-    float xq[CPT];
-#pragma unroll
-    for (int i = 0; i < CPT / 2; ++i) {
-        xq[2 * i] = QT::to_float((u16)(qraw[i] & 0xFFFFu));
-        xq[2 * i + 1] = QT::to_float((u16)(qraw[i] >> 16));
-    }
-#else
     float xq[CPT];
     {
         u32 raw[CPT / 2];
@@ -413,7 +381,6 @@ __device__ __forceinline__ void decode_int4(
             xq[2 * i + 1] = QT::to_float((u16)(raw[i] >> 16));
         }
     }
-#endif
     float qmax = 0.0f;
 #pragma unroll
     for (int i = 0; i < CPT; ++i) qmax = fmaxf(qmax, fabsf(xq[i]));
