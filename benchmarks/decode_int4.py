@@ -250,8 +250,9 @@ def main() -> None:
             variants += [(label, base, {name: int(value)}, {})]
         if args.static:
             variants += [("cuda-static", base, {}, {"SHARE_TILES": False})]
-        if args.preset != "int4":
-            variants = variants[:1]
+        if args.preset != "int4":  # the Triton kernel only, at the default and any forced split counts
+            forced = [replace(base, kernel="triton", num_splits=n) for n in args.splits]
+            variants = variants[:1] + [(f"triton-splits{c.num_splits}", c, None, {}) for c in forced]
         settings = {k: getattr(cuda_decode, k) for k in ("SHARE_TILES",)}
         for name, config, defines, changes in variants:
             if defines is not None:
