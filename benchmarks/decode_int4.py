@@ -250,13 +250,10 @@ def main() -> None:
             variants += [(label, base, {name: int(value)}, {})]
         if args.static:
             variants += [("cuda-static", base, {}, {"SHARE_TILES": False})]
-        if args.preset != "int4":  # the Triton kernel only: forced split counts, loader settings
+        if args.preset != "int4":  # the Triton kernel only, at the default and any forced split counts
             forced = [replace(base, kernel="triton", num_splits=n) for n in args.splits]
-            settled = [(name.replace("cuda-", "triton-"), variants[0][1], None, changes)
-                       for name, _, _, changes in variants if changes and name != "cuda-static"]
-            split_variants = [(f"triton-splits{c.num_splits}", c, None, {}) for c in forced]
-            variants = [variants[0], *split_variants, *settled]
-        settings = {k: getattr(cuda_decode, k) for k in ("SHARE_TILES", "CUDA_COMBINE")}
+            variants = variants[:1] + [(f"triton-splits{c.num_splits}", c, None, {}) for c in forced]
+        settings = {k: getattr(cuda_decode, k) for k in ("SHARE_TILES",)}
         for name, config, defines, changes in variants:
             if defines is not None:
                 _build(defines)

@@ -60,18 +60,6 @@ def test_source_compiles_without_warnings(arch: str, tmp_path: Path) -> None:
 
 
 @requires_nvcc
-def test_combine_source_compiles_without_warnings(tmp_path: Path) -> None:
-    text = pasted(cuda_decode.COMBINE_SOURCE)
-    (tmp_path / "combine.cu").write_text(text)
-    command = ["nvcc", "-std=c++17", "--ptx", "-arch=sm_80", "-Werror", "all-warnings", "-o",
-               str(tmp_path / "out"), str(tmp_path / "combine.cu")]
-    r = subprocess.run(command, capture_output=True, text=True)
-    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
-    entries = set(re.findall(r"\.visible \.entry (\w+)\(", (tmp_path / "out").read_text()))
-    assert entries == {f"combine_splits_{t}_{d}" for t in ("f16", "bf16") for d in ("d128", "d256")}
-
-
-@requires_nvcc
 def test_sm90_build_fits_12_programs_per_sm(tmp_path: Path) -> None:
     # At most 168 registers a thread and 12 x (shared + the 1 KB reserved per block) within an H100
     # SM's 228 KB (12 one-warp programs per SM), spilling at most a few words.
@@ -193,69 +181,6 @@ def test_long_key_groups_and_both_schedules(key_format: str, share: bool,
     layer = make_layer(batch=2, kv_heads=2, tokens=6000 + 33, key_format=key_format)
     for splits in (None, 3):
         check(queries(layer, 8, 1), layer, splits=splits)
-
-
-def _combined(mid_o: torch.Tensor, mid_l: torch.Tensor) -> torch.Tensor:
-    """The splits' combine in float64: sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), 0 where no split saw
-    a key."""
-    lse = mid_l.double()
-    top = torch.where(lse > -torch.inf, lse, torch.tensor(-1e300, dtype=torch.float64, device=lse.device))
-    w = torch.where(lse > -torch.inf, torch.exp2(lse - top.amax(-1, keepdim=True)), torch.zeros_like(lse))
-    total = w.sum(-1, keepdim=True)
-    out = (w[..., None] * torch.nan_to_num(mid_o.double())).sum(-2) / torch.where(total > 0, total, 1.0)
-    return out
-
-
-@requires_cuda_kernel
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("splits,head_dim", [(2, 128), (7, 64), (24, 128), (33, 96), (128, 128), (16, 256)])
-def test_cuda_combine_against_float64_and_the_triton_combine(splits: int, head_dim: int,
-                                                             dtype: torch.dtype) -> None:
-    # Partials as the decode kernels write them: lse -inf for splits that saw no key (their outputs
-    # NaN here, to show they are never read into the sum), one row that no split saw (zeros), and an
-    # output tensor with strides of its own (a transposed view).
-    from kvpack.triton.attention import _combine_kernel, triton_interpreted
-
-    g = torch.Generator(device="cuda").manual_seed(splits)
-    b, hq, lq = 3, 4, 2
-    mid_o = torch.randn(b, hq, lq, splits, head_dim, device="cuda", generator=g) * 3
-    mid_l = torch.randn(b, hq, lq, splits, device="cuda", generator=g) * 20
-    unseen = torch.rand(b, hq, lq, splits, device="cuda", generator=g) < 0.3
-    unseen[0, 1, 0] = True
-    mid_l[unseen] = -torch.inf
-    mid_o[unseen] = torch.nan
-    want = _combined(mid_o, mid_l)
-    assert cuda_decode.combine_applies(torch.empty(1, 1, 1, head_dim, device="cuda", dtype=dtype), splits)
-    out = torch.empty(b, lq, hq, head_dim, device="cuda", dtype=dtype).transpose(1, 2)
-    cuda_decode.combine(mid_o, mid_l, out)
-    assert out[0, 1, 0].abs().max() == 0
-    tol = 2e-3 if dtype == torch.float16 else 8e-3  # a rounding or two of the output, relative
-    assert ((out.double() - want).abs() <= tol * want.abs() + 1e-6).all()
-    triton = torch.empty(b, hq, lq, head_dim, device="cuda", dtype=dtype)
-    _combine_kernel[(b * hq * lq,)](mid_o, mid_l, triton, splits, hq, lq, *triton.stride()[:3], D=head_dim,
-                                    BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
-                                    BLOCK_D=1 << (head_dim - 1).bit_length(), INTERPRET=triton_interpreted(),
-                                    num_warps=4)
-    assert torch.isfinite(out).all()
-    assert (out.double() - triton.double()).abs().max() <= tol * want.abs().max()
-
-
-@requires_cuda_kernel
-@pytest.mark.gpu
-def test_combine_kernel_of_each_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    # decode combines its splits with combine.cu where it applies, with the Triton kernel otherwise,
-    # and both give the reference's answer.
-    calls = []
-    combine = cuda_decode.combine
-    monkeypatch.setattr(cuda_decode, "combine", lambda *a: calls.append(1) or combine(*a))
-    layer = make_layer(tokens=5000, kv_heads=2)
-    q = queries(layer, 8, 1)
-    check(q, layer, splits=16)  # the CUDA kernel, then the Triton one: both combined by combine.cu
-    assert len(calls) == 2
-    monkeypatch.setattr(cuda_decode, "CUDA_COMBINE", False)
-    check(q, layer, splits=16)
-    assert len(calls) == 2
 
 
 @requires_cuda_kernel

@@ -30,8 +30,6 @@ from kvpack.cuda import pasted
 from kvpack.schemes import Scheme
 
 SOURCE = Path(__file__).with_name("decode.cu")
-#: The combine of the splits' partials in CUDA C (``combine.cu``), for both decode kernels.
-COMBINE_SOURCE = Path(__file__).with_name("combine.cu")
 #: Tokens per tile: a split starts and a key group ends on a multiple of it.
 TILE = 64
 HEAD_DIMS = (64, 128)
@@ -42,10 +40,6 @@ _NAMES = {(d, dt): f"decode_int4_d{d}_{'bf16' if dt == torch.bfloat16 else 'f16'
 #: faster SMs take more (an H100's SMs streamed at rates up to 20% apart, and the slowest set the
 #: kernel's end); False: each takes every ``splits``-th unit (benchmarks compare the two).
 SHARE_TILES = True
-#: Combine the splits with ``combine.cu`` where it applies (one L2 round trip a row: 1 us against the
-#: Triton combine kernel's 3 us for 256 rows of 24 splits on an H100); False: the Triton kernel.
-CUDA_COMBINE = True
-_COMBINE_MAX_D, _COMBINE_MAX_SPLITS = 256, 128
 _REGISTERS_PER_SM = 65536
 _MAX_BLOCKS_PER_SM = 32
 _SHARED_RESERVED_PER_BLOCK = 1024
@@ -174,40 +168,3 @@ def launch(q: torch.Tensor, out: torch.Tensor, mid_o: torch.Tensor, mid_l: torch
     kernel = _kernel(_NAMES[(d, q.dtype)], device)
     with cupy.cuda.Device(device), _stream(cupy, q.device):
         kernel((bsz * hkv, splits, 1), (32, 1, 1), args)
-
-
-def combine_applies(out: torch.Tensor, splits: int) -> bool:
-    """Whether :func:`combine` can write ``out`` from ``splits`` partials (else the Triton combine)."""
-    d = out.shape[-1]
-    return (CUDA_COMBINE and out.device.type == "cuda" and not _cupy_missing()
-            and out.dtype in (torch.float16, torch.bfloat16) and d % 4 == 0 and d <= _COMBINE_MAX_D
-            and splits <= _COMBINE_MAX_SPLITS and out.stride(-1) == 1)
-
-
-@functools.cache
-def _combine_kernel(dtype: torch.dtype, wide: bool, device_index: int) -> Any:
-    import cupy
-
-    name = f"combine_splits_{'bf16' if dtype == torch.bfloat16 else 'f16'}_{'d256' if wide else 'd128'}"
-    with cupy.cuda.Device(device_index):
-        return cupy.RawModule(code=pasted(COMBINE_SOURCE), options=("-std=c++17",)).get_function(name)
-
-
-def combine(mid_o: torch.Tensor, mid_l: torch.Tensor, out: torch.Tensor) -> None:
-    """``out [B, Hq, Lq, D]`` from the partials ``mid_o [B, Hq, Lq, S, D]`` and ``mid_l [B, Hq, Lq, S]``
-    (float32, contiguous) on torch's current stream: one block of four warps per query row."""
-    import cupy
-
-    from kvpack.cuda import _stream
-
-    bsz, hq, lq, d = out.shape
-    splits = mid_l.shape[-1]
-    if mid_o.shape != (bsz, hq, lq, splits, d) or not (mid_o.is_contiguous() and mid_l.is_contiguous()):
-        raise ValueError("combine needs contiguous partials [B, Hq, Lq, S, D] and lse [B, Hq, Lq, S]")
-    args = (np.uint64(mid_o.data_ptr()), np.uint64(mid_l.data_ptr()), np.uint64(out.data_ptr()),
-            np.int32(splits), np.int32(d), np.int32(hq), np.int32(lq),
-            *(np.int64(st) for st in out.stride()[:3]))
-    device = device_index(out)
-    kernel = _combine_kernel(out.dtype, d > 128, device)
-    with cupy.cuda.Device(device), _stream(cupy, out.device):
-        kernel((bsz * hq * lq, 1, 1), (128, 1, 1), args)

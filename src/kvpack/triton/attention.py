@@ -1015,9 +1015,7 @@ def decode_attention(
         _launch_triton(q, out, mid_o, mid_l, store, window_keys, window_values, num_quantized, num_window,
                        key_scheme, value_scheme, group, scale, start, end, config, timeline, splits, chunk,
                        row_blocks, block_m, block_d)
-    if splits > 1 and cuda_decode.combine_applies(out, splits):
-        cuda_decode.combine(mid_o, mid_l, out)
-    elif splits > 1:
+    if splits > 1:
         _combine_kernel[(bsz * hq * lq,)](
             mid_o, mid_l, out, splits, hq, lq, *out.stride()[:3],
             D=d, BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_D=block_d,
