@@ -117,16 +117,7 @@ def graph_trace(fn, inputs, label: str, out: Path) -> dict:  # noqa: ANN001
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for args in inputs:
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for args in inputs:
-            fn(*args)
+    graph, _ = harness.capture_graph(fn, inputs)
     for _ in range(3):
         graph.replay()
     torch.cuda.synchronize()

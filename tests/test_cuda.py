@@ -119,14 +119,18 @@ def test_nvrtc_text_has_every_kernel(nvrtc_ptx):
     assert kernels == wanted
 
 
+def _assert_16_bit_types_use_16_byte_accesses(entries, kind):
+    for tag in ("f16", "bf16"):
+        assert "ld.global.nc.v4.u32" in entries[f"quantize_{kind}_{tag}"]
+        assert "st.global.v2.u32" in entries[f"quantize_{kind}_{tag}"]  # 8 packed codes
+        assert "ld.global.nc.v2.u32" in entries[f"dequantize_{kind}_{tag}"]
+        assert "st.global.v4.u32" in entries[f"dequantize_{kind}_{tag}"]
+
+
 def test_vectorized_kernels_use_16_byte_accesses(nvrtc_ptx):
     entries = _entries(nvrtc_ptx["vectorized"])
     assert "ld.global.nc.v4.f32" in entries["quantize_vectorized_f32"]
-    for tag in ("f16", "bf16"):
-        assert "ld.global.nc.v4.u32" in entries[f"quantize_vectorized_{tag}"]
-        assert "st.global.v2.u32" in entries[f"quantize_vectorized_{tag}"]  # 8 packed codes
-        assert "ld.global.nc.v2.u32" in entries[f"dequantize_vectorized_{tag}"]
-        assert "st.global.v4.u32" in entries[f"dequantize_vectorized_{tag}"]
+    _assert_16_bit_types_use_16_byte_accesses(entries, "vectorized")
     assert "st.global.u32" in entries["quantize_vectorized_f32"]  # 4 packed codes (a char4)
     assert "ld.global.nc.u32" in entries["dequantize_vectorized_f32"]
     assert "st.global.v4.f32" in entries["dequantize_vectorized_f32"]
@@ -138,11 +142,7 @@ def test_grouped_kernels_use_16_byte_accesses(nvrtc_ptx):
         "ld.global.nc.v4.f32" in entries["quantize_grouped_f32"]
         or "ld.global.nc.v4.u32" in entries["quantize_grouped_f32"]
     )
-    for tag in ("f16", "bf16"):
-        assert "ld.global.nc.v4.u32" in entries[f"quantize_grouped_{tag}"]
-        assert "st.global.v2.u32" in entries[f"quantize_grouped_{tag}"]  # 8 packed codes
-        assert "ld.global.nc.v2.u32" in entries[f"dequantize_grouped_{tag}"]
-        assert "st.global.v4.u32" in entries[f"dequantize_grouped_{tag}"]
+    _assert_16_bit_types_use_16_byte_accesses(entries, "grouped")
     assert "fma.rn.f32" in entries["quantize_grouped_f16"]  # Markstein's steps
 
 

@@ -214,12 +214,9 @@ def time_calls(
     return samples, out
 
 
-def time_graph(fn: Callable[..., Any], inputs: Sequence[tuple], repeats: int) -> tuple[list[float], Any]:
-    """Like :func:`time_calls` on a GPU, but the calls over the rotation are captured once as a CUDA graph
-    and each repeat times one replay: no host work between the kernels, as a server replays its decoding
-    step. Falls back to :func:`time_calls` (returning its result) when ``fn`` cannot be captured."""
-    if repeats < 1 or not inputs:
-        raise ValueError("time_graph needs at least one repeat and one input")
+def capture_graph(fn: Callable[..., Any], inputs: Sequence[tuple]) -> tuple[Any, Any]:
+    """``(graph, last result)``: the calls of ``fn`` over ``inputs`` warmed up on a side stream, then
+    captured as one CUDA graph (a RuntimeError where ``fn`` cannot be captured)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
@@ -229,12 +226,23 @@ def time_graph(fn: Callable[..., Any], inputs: Sequence[tuple], repeats: int) ->
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # the graph's own memory pool comes on top of what the warm-up cached
     graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph):
+        out = None
+        for args in inputs:
             out = None
-            for args in inputs:
-                out = None
-                out = fn(*args)
+            out = fn(*args)
+    return graph, out
+
+
+def time_graph(fn: Callable[..., Any], inputs: Sequence[tuple], repeats: int) -> tuple[list[float], Any]:
+    """Like :func:`time_calls` on a GPU, but the calls over the rotation are captured once as a CUDA graph
+    (:func:`capture_graph`) and each repeat times one replay: no host work between the kernels, as a
+    server replays its decoding step. Falls back to :func:`time_calls` (returning its result) when
+    ``fn`` cannot be captured."""
+    if repeats < 1 or not inputs:
+        raise ValueError("time_graph needs at least one repeat and one input")
+    try:
+        graph, out = capture_graph(fn, inputs)
     except RuntimeError:
         torch.cuda.synchronize()
         return time_calls(fn, inputs, repeats, torch.device("cuda"))

@@ -82,11 +82,6 @@ __device__ unsigned long long kvpack_timeline[5 * TIMELINE_PROGRAMS];
 #else
 #define TIMELINE_MARK(i)
 #endif
-// Diagnostic builds only (wrong results): skip copying the value scales and zeros (1), the key scale
-// and zero rows (2), to time what their small reads cost.
-#ifndef KVPACK_DECODE_SKIP
-#define KVPACK_DECODE_SKIP 0
-#endif
 #define NEG_INF __int_as_float(0xff800000u)
 #define MAX_ROWS 8
 #define EIGHTS 0x48004800u  // a pair of float16 8s
@@ -335,9 +330,8 @@ __device__ __forceinline__ void decode_int4(
             cp_async<VB>(s + KSTAGE + (4 * (u % 4) + r) * 32 * VB + (4 * c + u / 4) * VB,
                          vc + (t0 + 4 * u + r) * NB + VB * c);
         }
-        if (lane < 16 && !(KVPACK_DECODE_SKIP & 1))
-            cp_async<16>(s + SSTAGE + 16 * lane, (lane < 8 ? vs : vz) + t0 + 8 * (lane & 7));
-        if (t0 / group != issued_group && !(KVPACK_DECODE_SKIP & 2)) {  // a new key group: its scale and zero rows
+        if (lane < 16) cp_async<16>(s + SSTAGE + 16 * lane, (lane < 8 ? vs : vz) + t0 + 8 * (lane & 7));
+        if (t0 / group != issued_group) {  // a new key group for this warp: its scale and zero rows
             issued_group = t0 / group;
             if (lane < D / 4) {  // D / 8 chunks of 16 bytes per row
                 const i64 row = (i64)issued_group * D;
